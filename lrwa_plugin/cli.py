@@ -1,0 +1,263 @@
+"""The runner behind ``examples/run_torchdistill.py``: torchdistill's example flags, plus data-free strategies.
+
+``python examples/run_torchdistill.py --config X.yaml`` runs a torchdistill config. With ``train.strategy``
+(``lrwa`` | ``mb_dfkd`` | ``dfad``) the student is trained data-free by
+:class:`lrwa_plugin.box.DataFreeDistillationBox`; without it the config runs as torchdistill's own
+``examples/torchvision/image_classification.py`` would run it (that is how the digits teacher is trained). With no
+``--config`` it runs the offline digits demo: it trains the teacher if its checkpoint is missing, then distils a
+student with ``strategy: lrwa`` and prints both accuracies.
+
+Mistakes found while building the run (a missing checkpoint, an unknown key) end it before any training with a
+one-line ``error:`` and exit status 2; what fails later keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchdistill.common import yaml_util
+from torchdistill.common.constant import def_logger
+from torchdistill.common.main_util import import_dependencies, init_distributed_mode, set_seed
+from torchdistill.common.module_util import check_if_wrapped
+from torchdistill.core.distillation import get_distillation_box
+from torchdistill.core.training import get_training_box
+from torchdistill.datasets.util import build_data_loader
+from torchdistill.misc.log import set_basic_log_config, setup_log_file
+from torchdistill.models.official import get_image_classification_model
+from torchdistill.models.registry import get_model
+from tqdm import tqdm
+
+from .box import DataFreeDistillationBox
+from .checkpoint import atomic_save, load_weights_strictly
+
+logger = def_logger.getChild(__name__)
+
+DEMO_TEACHER_CONFIG = 'teacher.yaml'
+DEMO_STUDENT_CONFIG = 'lrwa_mb.yaml'
+DEMO_SEED = 0
+
+
+class SetupError(Exception):
+    """A problem with the config or its files, found before training starts."""
+
+
+def get_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='Data-free knowledge distillation (LRWA) with torchdistill')
+    parser.add_argument('--config', help='yaml file path; omit to run the offline digits demo')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='device')
+    parser.add_argument('--run_log', help='log file path')
+    parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
+    parser.add_argument('--seed', type=int, help='seed in random number generator')
+    parser.add_argument('-disable_cudnn_benchmark', action='store_true', help='disable torch.backend.cudnn.benchmark')
+    parser.add_argument('-test_only', action='store_true', help='only test the models')
+    parser.add_argument('-student_only', action='store_true', help='test the student model only')
+    parser.add_argument('-log_config', action='store_true', help='log config')
+    parser.add_argument('-no_progress', action='store_true', help='no progress bars')
+    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
+    parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+    parser.add_argument('-adjust_lr', action='store_true',
+                        help='multiply learning rate by number of distributed processes (world_size)')
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------- models
+def load_model(model_config: dict, role: str, device: torch.device, distributed: bool) -> nn.Module:
+    """Builds ``models.<role>`` (torchvision first, then torchdistill's registry) and loads ``src_ckpt`` strictly."""
+    if 'key' not in model_config:
+        raise SetupError(f'models.{role}: missing key `key` (the registered model name)')
+    model = get_image_classification_model(model_config, distributed)
+    if model is None:
+        model = get_model(model_config['key'], model_config.get('repo_or_dir'), **model_config.get('kwargs', {}))
+    src_ckpt = model_config.get('src_ckpt')
+    if src_ckpt is not None:
+        # torchdistill only logs a missing src_ckpt and trains on: here it is an error.
+        load_weights_strictly(model, os.path.expanduser(src_ckpt), what=f'models.{role}.src_ckpt')
+    return model.to(device)
+
+
+def _has_weights(model_config: dict) -> bool:
+    return model_config.get('src_ckpt') is not None or model_config.get('kwargs', {}).get('checkpoint_path') is not None
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+@torch.inference_mode()
+def evaluate(model: nn.Module, data_loader: Iterable, device: torch.device, progress: bool = False,
+             desc: str = 'eval') -> float:
+    """Top-1 accuracy in percent over ``data_loader`` (batches ``(x, y)`` or ``(x, y, supp_dict)``)."""
+    was_training = model.training
+    model.eval()
+    correct, total = 0, 0
+    for batch in tqdm(data_loader, desc=desc, disable=not progress, leave=False):
+        x, y = batch[0].to(device), batch[1].to(device)
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def save_student(path: str, student: nn.Module, box: Any, best_value: float, args: argparse.Namespace) -> None:
+    """Writes the best student in torchdistill's checkpoint layout (plus the generator), atomically."""
+    student = student.module if check_if_wrapped(student) else student
+    ckpt = {'model': student.state_dict(), 'optimizer': box.optimizer.state_dict(), 'best_value': best_value,
+            'lr_scheduler': box.lr_scheduler.state_dict() if box.lr_scheduler is not None else None,
+            'args': {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}}
+    if isinstance(box, DataFreeDistillationBox):
+        ckpt['generator'] = box.generator.state_dict()
+    atomic_save(ckpt, os.path.expanduser(path))
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _train_supervised_epoch(box: Any, device: torch.device, epoch: int, progress: bool) -> float:
+    loss_value = float('nan')
+    bar = tqdm(box.train_data_loader, desc=f'Epoch {epoch}', disable=not progress, leave=False, dynamic_ncols=True)
+    for sample_batch, targets, supp_dict in bar:
+        loss = box.forward_process(sample_batch.to(device), targets.to(device), supp_dict)
+        box.post_forward_process(loss=loss)
+        loss_value = float(loss.detach())
+        if not torch.isfinite(loss.detach()):
+            raise ValueError(f'The training loop was broken due to loss = {loss_value}')
+        bar.set_postfix(loss=f'{loss_value:.4g}', refresh=False)
+    return loss_value
+
+
+def train(teacher: nn.Module | None, student: nn.Module, config: dict, device: torch.device,
+          device_ids: list[int] | None, distributed: bool, world_size: int, args: argparse.Namespace) -> float:
+    """Trains the student (data-free when ``train.strategy`` is set); returns the best validation top-1."""
+    train_config = config['train']
+    dataset_dict = config.get('datasets', {})
+    lr_factor = world_size if distributed and args.adjust_lr else 1
+    data_free = 'strategy' in train_config
+    student_config = config['models'].get('student_model') or config['models']['model']
+    dst_ckpt = student_config['dst_ckpt']
+    if data_free:
+        box = DataFreeDistillationBox(teacher, student, dataset_dict, train_config, device, device_ids,
+                                      distributed, lr_factor)
+    elif teacher is None:
+        box = get_training_box(student, dataset_dict, train_config, device, device_ids, distributed, lr_factor)
+    else:
+        box = get_distillation_box(teacher, student, dataset_dict, train_config, device, device_ids, distributed,
+                                   lr_factor)
+    if box.val_data_loader is None:
+        raise SetupError('train.val_data_loader: no validation dataset (dataset_id must name one of datasets)')
+    progress = not args.no_progress
+    best = -1.0
+    start = time.time()
+    for epoch in range(args.start_epoch, box.num_epochs):
+        box.pre_epoch_process(epoch=epoch)
+        if data_free:
+            losses = box.train_one_epoch(epoch, progress=progress)
+        else:
+            losses = {'loss': _train_supervised_epoch(box, device, epoch, progress)}
+        accuracy = evaluate(student, box.val_data_loader, device)
+        loss_text = '  '.join(f'{k} {v:.4g}' for k, v in losses.items())
+        logger.info(f'Epoch {epoch}: val top-1 {accuracy:.2f}%  {loss_text}')
+        if accuracy > best:
+            best = accuracy
+            save_student(dst_ckpt, student, box, best, args)
+        box.post_epoch_process()
+    logger.info('Training time %s', datetime.timedelta(seconds=int(time.time() - start)))
+    box.clean_modules()
+    return best
+
+
+# -------------------------------------------------------------------------------------------------- runs
+def _load_config(path: str | os.PathLike) -> dict:
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise SetupError(f"--config: file '{path}' does not exist")
+    config = yaml_util.load_yaml_file(path)
+    if not isinstance(config, dict):
+        raise SetupError(f"--config: '{path}' is not a YAML mapping")
+    return config
+
+
+def run(config_path: str | os.PathLike, args: argparse.Namespace) -> dict[str, float]:
+    """Runs one config (train unless ``-test_only``, then test); returns the top-1 accuracies in percent."""
+    distributed, world_size, device_ids = init_distributed_mode(args.world_size, args.dist_url)
+    torch.backends.cudnn.benchmark = not args.disable_cudnn_benchmark
+    set_seed(args.seed)
+    device = torch.device(args.device)
+    try:
+        config = _load_config(config_path)
+        import_dependencies(config.get('dependencies'))
+        models_config = config.get('models', {})
+        student_key = 'student_model' if 'student_model' in models_config else 'model'
+        if student_key not in models_config:
+            raise SetupError('models: expected `student_model` (distillation) or `model` (training)')
+        teacher_config = models_config.get('teacher_model')
+        if 'strategy' in config.get('train', {}) and (teacher_config is None or not _has_weights(teacher_config)):
+            raise SetupError('models.teacher_model: a data-free run needs a trained teacher: give src_ckpt '
+                             '(or kwargs.checkpoint_path for timm_model)')
+        teacher = None if teacher_config is None else load_model(teacher_config, 'teacher_model', device,
+                                                                 distributed)
+        student_config = models_config[student_key]
+        if 'dst_ckpt' not in student_config:
+            raise SetupError(f'models.{student_key}.dst_ckpt: missing (where the trained student is written)')
+        student = load_model(student_config, student_key, device, distributed)
+    except (SetupError, ValueError, FileNotFoundError) as error:
+        raise SetupError(str(error)) from error
+    if args.log_config:
+        logger.info(config)
+    results: dict[str, float] = {}
+    if not args.test_only:
+        results['best_val_top1'] = train(teacher, student, config, device, device_ids, distributed, world_size, args)
+    dst_ckpt = os.path.expanduser(student_config['dst_ckpt'])
+    load_weights_strictly(student, dst_ckpt, what=f'models.{student_key}.dst_ckpt')
+    test_loader_config = config['test']['test_data_loader']
+    test_loader = build_data_loader(config['datasets'][test_loader_config['dataset_id']], test_loader_config,
+                                    distributed)
+    if teacher is not None and not args.student_only:
+        results['teacher_top1'] = evaluate(teacher, test_loader, device)
+        logger.info(f"[Teacher: {teacher_config['key']}] test top-1 {results['teacher_top1']:.2f}%")
+    results['student_top1'] = evaluate(student, test_loader, device)
+    logger.info(f"[Student: {student_config['key']}] test top-1 {results['student_top1']:.2f}%")
+    return results
+
+
+def run_demo(config_dir: Path, args: argparse.Namespace) -> dict[str, float]:
+    """The offline digits demo: teacher (trained once, if its checkpoint is missing), then the LRWA student."""
+    if args.seed is None:
+        args.seed = DEMO_SEED
+    teacher_config_path = config_dir / DEMO_TEACHER_CONFIG
+    teacher_ckpt = _load_config(teacher_config_path)['models']['model']['dst_ckpt']
+    if not os.path.isfile(os.path.expanduser(teacher_ckpt)):
+        logger.info(f'Training the digits teacher ({teacher_config_path}); it is saved at {teacher_ckpt}')
+        run(teacher_config_path, args)
+    start = time.time()
+    results = run(config_dir / DEMO_STUDENT_CONFIG, args)
+    results['seconds'] = time.time() - start
+    return results
+
+
+def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike | None = None) -> int:
+    """Entry point; returns the process exit status (2 for a config error found before training)."""
+    args = get_argparser().parse_args(argv)
+    set_basic_log_config()
+    if args.run_log is not None:
+        setup_log_file(os.path.expanduser(args.run_log))
+    logger.info(args)
+    start = time.time()
+    try:
+        if args.config is None:
+            config_dir = Path(demo_config_dir) if demo_config_dir is not None else \
+                Path(__file__).resolve().parent.parent / 'examples' / 'configs' / 'digits'
+            results = run_demo(config_dir, args)
+            label = f'digits demo ({DEMO_STUDENT_CONFIG}, seed {args.seed})'
+        else:
+            results = run(args.config, args)
+            label = args.config
+    except SetupError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    summary = ', '.join(f'{k} {v:.2f}' + ('%' if 'top1' in k else ' s' if k == 'seconds' else '')
+                        for k, v in results.items())
+    print(f'Summary [{label}]: {summary}; wall time {time.time() - start:.0f} s')
+    return 0

@@ -1,0 +1,60 @@
+"""Strategies: the gradient each one leaves in .grad, and their registry."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lrwa_plugin.meta import retain_while_acquire
+from lrwa_plugin.registry import get_strategy
+
+
+def setup():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, x_m = torch.randn(5, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    t, t_m = torch.randn(5, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    return net, (lambda m: (m(x) - t).abs().mean()), (lambda m: (m(x_m) - t_m).abs().mean())
+
+
+def grads(net):
+    return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+
+def test_dfad_is_acquisition_only_and_mb_dfkd_is_the_joint_gradient():
+    net, acquire, retain = setup()
+    get_strategy('dfad').backward(net, acquire, retain)
+    g_dfad = grads(net)
+    net.zero_grad()
+    acquire(net).backward()
+    assert torch.equal(g_dfad, grads(net))
+
+    net, acquire, retain = setup()
+    losses = get_strategy('mb_dfkd').backward(net, acquire, retain)
+    g_joint = grads(net)
+    net.zero_grad()
+    (acquire(net) + retain(net)).backward()
+    assert torch.allclose(g_joint, grads(net)) and set(losses) == {'acq', 'ret'}
+
+
+def test_lrwa_uses_the_meta_step_and_falls_back_to_acquisition_without_memory():
+    net, acquire, retain = setup()
+    get_strategy('lrwa', meta={'alpha': 0.7, 'backend': 'functional'}).backward(net, acquire, retain)
+    g = grads(net)
+    net.zero_grad()
+    retain_while_acquire(net, acquire, retain, alpha=0.7, backend='functional')
+    assert torch.equal(g, grads(net))
+
+    net.zero_grad()
+    losses = get_strategy('lrwa', meta={'alpha': 0.7}).backward(net, acquire, None)
+    g_fallback = grads(net)
+    net.zero_grad()
+    acquire(net).backward()
+    assert torch.allclose(g_fallback, grads(net)) and set(losses) == {'acq'}
+
+
+def test_meta_is_only_for_lrwa_and_unknown_strategies_list_the_known_ones():
+    with pytest.raises(ValueError, match="only used by strategy 'lrwa'"):
+        get_strategy('mb_dfkd', meta={'alpha': 0.5})
+    with pytest.raises(ValueError, match='dfad, lrwa, mb_dfkd'):
+        get_strategy('lrwa2')
