@@ -129,8 +129,12 @@ def _train_supervised_epoch(box: Any, device: torch.device, epoch: int, progress
 
 
 def train(teacher: nn.Module | None, student: nn.Module, config: dict, device: torch.device,
-          device_ids: list[int] | None, distributed: bool, world_size: int, args: argparse.Namespace) -> float:
-    """Trains the student (data-free when ``train.strategy`` is set); returns the best validation top-1."""
+          device_ids: list[int] | None, distributed: bool, world_size: int,
+          args: argparse.Namespace) -> dict[str, float]:
+    """Trains the student (data-free when ``train.strategy`` is set); returns the best and last validation top-1.
+
+    The student with the best validation top-1 is written to ``dst_ckpt``, as torchdistill's example does.
+    """
     train_config = config['train']
     dataset_dict = config.get('datasets', {})
     lr_factor = world_size if distributed and args.adjust_lr else 1
@@ -148,7 +152,7 @@ def train(teacher: nn.Module | None, student: nn.Module, config: dict, device: t
     if box.val_data_loader is None:
         raise SetupError('train.val_data_loader: no validation dataset (dataset_id must name one of datasets)')
     progress = not args.no_progress
-    best = -1.0
+    best, accuracy = -1.0, float('nan')
     start = time.time()
     for epoch in range(args.start_epoch, box.num_epochs):
         box.pre_epoch_process(epoch=epoch)
@@ -165,7 +169,7 @@ def train(teacher: nn.Module | None, student: nn.Module, config: dict, device: t
         box.post_epoch_process()
     logger.info('Training time %s', datetime.timedelta(seconds=int(time.time() - start)))
     box.clean_modules()
-    return best
+    return {'best_val_top1': best, 'last_val_top1': accuracy}
 
 
 # -------------------------------------------------------------------------------------------------- runs
@@ -208,7 +212,7 @@ def run(config_path: str | os.PathLike, args: argparse.Namespace) -> dict[str, f
         logger.info(config)
     results: dict[str, float] = {}
     if not args.test_only:
-        results['best_val_top1'] = train(teacher, student, config, device, device_ids, distributed, world_size, args)
+        results.update(train(teacher, student, config, device, device_ids, distributed, world_size, args))
     dst_ckpt = os.path.expanduser(student_config['dst_ckpt'])
     load_weights_strictly(student, dst_ckpt, what=f'models.{student_key}.dst_ckpt')
     test_loader_config = config['test']['test_data_loader']
