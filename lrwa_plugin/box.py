@@ -213,15 +213,33 @@ class DataFreeDistillationBox(DistillationBox):
         self.teacher_model.eval()
         self.student_model.train()
 
-    def train_one_epoch(self, epoch: int, progress: bool = True) -> dict[str, float]:
-        """Runs ``iterations_per_epoch`` iterations with a progress bar; returns the last loss values."""
+    def train_one_epoch(self, epoch: int, progress: bool = True,
+                        on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+        """Runs ``iterations_per_epoch`` iterations with a progress bar; returns the last loss values.
+
+        ``on_iteration(global_iteration, losses)`` is called after each iteration (e.g. for TensorBoard).
+        """
         bar = tqdm(range(self.iterations_per_epoch), desc=f'Epoch {epoch}', disable=not progress, leave=False,
                    dynamic_ncols=True)
         losses: dict[str, float] = {}
         for iteration in bar:
             losses = self.train_iteration(epoch, iteration)
             bar.set_postfix({k: f'{v:.4g}' for k, v in losses.items()}, refresh=False)
+            if on_iteration is not None:
+                on_iteration(epoch * self.iterations_per_epoch + iteration, losses)
         return losses
+
+    @torch.no_grad()
+    def monitor_batches(self, n: int = 32) -> dict[str, Tensor]:
+        """A fresh generated batch and, when the memory holds samples, a replayed one (for sample grids)."""
+        was_training = self.generator.training
+        self.generator.eval()
+        batches = {'generated': self.sample(n)}
+        self.generator.train(was_training)
+        replayed = self.replay.sample(n, device=self.device) if self.replay is not None else None
+        if replayed is not None:
+            batches['replayed'] = replayed
+        return batches
 
     def post_epoch_process(self, *args: Any, **kwargs: Any) -> None:
         super().post_epoch_process(*args, **kwargs)

@@ -37,6 +37,8 @@ from tqdm import tqdm
 
 from .box import DataFreeDistillationBox
 from .checkpoint import atomic_save, load_weights_strictly
+from .evolution import write_evolution
+from .monitor import TensorBoardLogger, save_sample_grid, teacher_predictions
 
 logger = def_logger.getChild(__name__)
 
@@ -61,6 +63,9 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument('-student_only', action='store_true', help='test the student model only')
     parser.add_argument('-log_config', action='store_true', help='log config')
     parser.add_argument('-no_progress', action='store_true', help='no progress bars')
+    parser.add_argument('--log_dir', help='write TensorBoard scalars and sample grids to this directory')
+    parser.add_argument('--dst_ckpt', help="override the student's dst_ckpt (the evolution JSON and sample grids "
+                                           'are written beside it)')
     parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
     parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
     parser.add_argument('-adjust_lr', action='store_true',
@@ -128,20 +133,13 @@ def _train_supervised_epoch(box: Any, device: torch.device, epoch: int, progress
     return loss_value
 
 
-def train(teacher: nn.Module | None, student: nn.Module, config: dict, device: torch.device,
-          device_ids: list[int] | None, distributed: bool, world_size: int,
-          args: argparse.Namespace) -> dict[str, float]:
-    """Trains the student (data-free when ``train.strategy`` is set); returns the best and last validation top-1.
-
-    The student with the best validation top-1 is written to ``dst_ckpt``, as torchdistill's example does.
-    """
+def build_box(teacher: nn.Module | None, student: nn.Module, config: dict, device: torch.device,
+              device_ids: list[int] | None, distributed: bool, world_size: int, args: argparse.Namespace) -> Any:
+    """The training box: data-free when ``train.strategy`` is set, else torchdistill's own."""
     train_config = config['train']
     dataset_dict = config.get('datasets', {})
     lr_factor = world_size if distributed and args.adjust_lr else 1
-    data_free = 'strategy' in train_config
-    student_config = config['models'].get('student_model') or config['models']['model']
-    dst_ckpt = student_config['dst_ckpt']
-    if data_free:
+    if 'strategy' in train_config:
         box = DataFreeDistillationBox(teacher, student, dataset_dict, train_config, device, device_ids,
                                       distributed, lr_factor)
     elif teacher is None:
@@ -151,23 +149,59 @@ def train(teacher: nn.Module | None, student: nn.Module, config: dict, device: t
                                    lr_factor)
     if box.val_data_loader is None:
         raise SetupError('train.val_data_loader: no validation dataset (dataset_id must name one of datasets)')
+    return box
+
+
+def _monitor_samples(box: DataFreeDistillationBox, teacher: nn.Module, dst_ckpt: str, epoch: int,
+                     tensorboard: TensorBoardLogger | None) -> None:
+    """Sample grids of the newest generated batch and of a replayed one, teacher's class under each image."""
+    ckpt = Path(os.path.expanduser(dst_ckpt))
+    directory = ckpt.with_name(ckpt.stem + '.samples')
+    teacher.eval()
+    for kind, images in box.monitor_batches().items():
+        labels = teacher_predictions(teacher, images)
+        save_sample_grid(images, labels, directory / f'epoch_{epoch:03d}_{kind}.png',
+                         title=f'{kind} samples after epoch {epoch} (teacher class under each)')
+        if tensorboard is not None:
+            tensorboard.image(f'samples/{kind}', images, epoch)
+
+
+def train(box: Any, teacher: nn.Module | None, student: nn.Module, dst_ckpt: str, device: torch.device,
+          args: argparse.Namespace, config_path: str | None = None) -> dict[str, float]:
+    """Runs the epochs; returns the best and last validation top-1.
+
+    After every epoch: top-1 on the validation split, the run's learning evolution written beside ``dst_ckpt``
+    (:mod:`lrwa_plugin.evolution`), sample grids (data-free runs) and, with ``--log_dir``, TensorBoard scalars. The
+    student with the best validation top-1 is written to ``dst_ckpt``, as torchdistill's example does.
+    """
+    data_free = isinstance(box, DataFreeDistillationBox)
+    tensorboard = TensorBoardLogger(args.log_dir) if args.log_dir else None
+    on_iteration = None if tensorboard is None else (lambda step, losses: tensorboard.scalars('train', losses, step))
     progress = not args.no_progress
-    best, accuracy = -1.0, float('nan')
+    best, accuracy, history = -1.0, float('nan'), []
     start = time.time()
     for epoch in range(args.start_epoch, box.num_epochs):
         box.pre_epoch_process(epoch=epoch)
         if data_free:
-            losses = box.train_one_epoch(epoch, progress=progress)
+            losses = box.train_one_epoch(epoch, progress=progress, on_iteration=on_iteration)
         else:
             losses = {'loss': _train_supervised_epoch(box, device, epoch, progress)}
         accuracy = evaluate(student, box.val_data_loader, device)
+        history.append(accuracy)
         loss_text = '  '.join(f'{k} {v:.4g}' for k, v in losses.items())
         logger.info(f'Epoch {epoch}: val top-1 {accuracy:.2f}%  {loss_text}')
+        write_evolution(dst_ckpt, history, config_path, args.seed)
+        if tensorboard is not None:
+            tensorboard.scalars('val', {'top1': accuracy}, epoch)
+        if data_free:
+            _monitor_samples(box, teacher, dst_ckpt, epoch, tensorboard)
         if accuracy > best:
             best = accuracy
             save_student(dst_ckpt, student, box, best, args)
         box.post_epoch_process()
     logger.info('Training time %s', datetime.timedelta(seconds=int(time.time() - start)))
+    if tensorboard is not None:
+        tensorboard.close()
     box.clean_modules()
     return {'best_val_top1': best, 'last_val_top1': accuracy}
 
@@ -203,16 +237,20 @@ def run(config_path: str | os.PathLike, args: argparse.Namespace) -> dict[str, f
         teacher = None if teacher_config is None else load_model(teacher_config, 'teacher_model', device,
                                                                  distributed)
         student_config = models_config[student_key]
+        if args.dst_ckpt is not None:
+            student_config['dst_ckpt'] = args.dst_ckpt
         if 'dst_ckpt' not in student_config:
             raise SetupError(f'models.{student_key}.dst_ckpt: missing (where the trained student is written)')
         student = load_model(student_config, student_key, device, distributed)
+        box = None if args.test_only else build_box(teacher, student, config, device, device_ids, distributed,
+                                                    world_size, args)
     except (SetupError, ValueError, FileNotFoundError) as error:
         raise SetupError(str(error)) from error
     if args.log_config:
         logger.info(config)
     results: dict[str, float] = {}
-    if not args.test_only:
-        results.update(train(teacher, student, config, device, device_ids, distributed, world_size, args))
+    if box is not None:
+        results.update(train(box, teacher, student, student_config['dst_ckpt'], device, args, str(config_path)))
     dst_ckpt = os.path.expanduser(student_config['dst_ckpt'])
     load_weights_strictly(student, dst_ckpt, what=f'models.{student_key}.dst_ckpt')
     test_loader_config = config['test']['test_data_loader']
@@ -234,7 +272,7 @@ def run_demo(config_dir: Path, args: argparse.Namespace) -> dict[str, float]:
     teacher_ckpt = _load_config(teacher_config_path)['models']['model']['dst_ckpt']
     if not os.path.isfile(os.path.expanduser(teacher_ckpt)):
         logger.info(f'Training the digits teacher ({teacher_config_path}); it is saved at {teacher_ckpt}')
-        run(teacher_config_path, args)
+        run(teacher_config_path, argparse.Namespace(**{**vars(args), 'dst_ckpt': None, 'log_dir': None}))
     start = time.time()
     results = run(config_dir / DEMO_STUDENT_CONFIG, args)
     results['seconds'] = time.time() - start

@@ -1,10 +1,14 @@
 """Shared fixtures: one thread (tiny models run far faster so on a loaded 2-core machine), shipped configs."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+from lrwa_plugin.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS_CONFIGS = ROOT / 'examples' / 'configs' / 'digits'
@@ -26,3 +30,43 @@ def write_config(src: Path, dst: Path, replacements: dict[str, str]) -> Path:
         text = text.replace(old, new)
     dst.write_text(text)
     return dst
+
+
+TEACHER_CKPT = 'resource/ckpt/digits/teacher.pt'
+DIGITS_TEST_DATASET = ("digits/test: !import_call\n    key: 'lrwa_plugin.datasets.SklearnDigits'\n    init:\n"
+                       "      kwargs: {split: 'test'}")
+SHORT_RUN = {
+    'num_epochs: 12': 'num_epochs: 2',
+    'iterations_per_epoch: 25': 'iterations_per_epoch: 3',
+    'student_steps: 5': 'student_steps: 2',
+    'batch_size: 128': 'batch_size: 32',
+}
+
+
+@pytest.fixture(scope='session')
+def teacher_dir(tmp_path_factory) -> Path:
+    """A digits teacher (trained once per session, two epochs, plain torchdistill config, through the runner)."""
+    work = tmp_path_factory.mktemp('teacher')
+    config = write_config(DIGITS_CONFIGS / 'teacher.yaml', work / 'teacher.yaml',
+                          {'num_epochs: 10': 'num_epochs: 2'})
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        assert main(['--config', str(config), '--device', 'cpu', '--seed', '0', '-no_progress']) == 0
+    finally:
+        os.chdir(cwd)
+    assert (work / TEACHER_CKPT).is_file()
+    return work
+
+
+@pytest.fixture
+def work(teacher_dir: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A fresh working directory holding the trained teacher at the configs' relative path."""
+    (tmp_path / TEACHER_CKPT).parent.mkdir(parents=True)
+    shutil.copy(teacher_dir / TEACHER_CKPT, tmp_path / TEACHER_CKPT)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_cli(config: Path, *flags: str) -> int:
+    return main(['--config', str(config), '--device', 'cpu', '--seed', '0', '-no_progress', *flags])

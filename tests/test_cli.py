@@ -1,55 +1,11 @@
 """End to end through the runner: torchdistill YAML -> registries -> box -> meta step -> optimizer -> checkpoint."""
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import DIGITS_CONFIGS, write_config
+from conftest import DIGITS_CONFIGS, DIGITS_TEST_DATASET, SHORT_RUN, TEACHER_CKPT, run_cli, write_config
 
 from lrwa_plugin.checkpoint import atomic_save, load_state_dict_file
-from lrwa_plugin.cli import main
-
-TEACHER_CKPT = 'resource/ckpt/digits/teacher.pt'
-DIGITS_TEST_DATASET = ("digits/test: !import_call\n    key: 'lrwa_plugin.datasets.SklearnDigits'\n    init:\n"
-                       "      kwargs: {split: 'test'}")
-SHORT_RUN = {
-    'num_epochs: 12': 'num_epochs: 2',
-    'iterations_per_epoch: 25': 'iterations_per_epoch: 3',
-    'student_steps: 5': 'student_steps: 2',
-    'batch_size: 128': 'batch_size: 32',
-}
-
-
-@pytest.fixture(scope='module')
-def teacher_dir(tmp_path_factory) -> Path:
-    """A digits teacher trained for two epochs by the plain torchdistill config, through the runner."""
-    work = tmp_path_factory.mktemp('teacher')
-    config = write_config(DIGITS_CONFIGS / 'teacher.yaml', work / 'teacher.yaml',
-                          {'num_epochs: 10': 'num_epochs: 2'})
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        assert main(['--config', str(config), '--device', 'cpu', '--seed', '0', '-no_progress']) == 0
-    finally:
-        os.chdir(cwd)
-    assert (work / TEACHER_CKPT).is_file()
-    return work
-
-
-@pytest.fixture
-def work(teacher_dir: Path, tmp_path: Path, monkeypatch) -> Path:
-    """A fresh working directory holding the trained teacher at the configs' relative path."""
-    (tmp_path / TEACHER_CKPT).parent.mkdir(parents=True)
-    shutil.copy(teacher_dir / TEACHER_CKPT, tmp_path / TEACHER_CKPT)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def run(config: Path, *flags: str) -> int:
-    return main(['--config', str(config), '--device', 'cpu', '--seed', '0', '-no_progress', *flags])
 
 
 @pytest.mark.parametrize('name, edits', [
@@ -61,7 +17,7 @@ def run(config: Path, *flags: str) -> int:
 ])
 def test_data_free_config_runs_and_writes_student(name, edits, work, capsys):
     config = write_config(DIGITS_CONFIGS / f'{name}.yaml', work / 'run.yaml', {**SHORT_RUN, **edits})
-    assert run(config) == 0
+    assert run_cli(config) == 0
     ckpt = torch.load(work / f'resource/ckpt/digits/{name}.pt', weights_only=True)
     assert set(ckpt) >= {'model', 'optimizer', 'best_value', 'generator'}
     out = capsys.readouterr().out
@@ -73,7 +29,7 @@ def test_student_trains_away_from_its_initialisation(work):
     torch.manual_seed(0)
     from lrwa_plugin.models.digits import DigitsStudentCNN
     initial = DigitsStudentCNN().state_dict()
-    assert run(config) == 0
+    assert run_cli(config) == 0
     trained = load_state_dict_file(work / 'resource/ckpt/digits/lrwa_mb.pt')
     assert any(not torch.equal(initial[k], trained[k]) for k in initial if initial[k].is_floating_point())
 
@@ -90,7 +46,7 @@ def test_torchdistill_forward_hooks_feed_the_criterion_inside_the_meta_step(work
             "l1: {criterion: {key: 'LogitsL1Loss', kwargs: {}}, weight: 1.0}": kd,
             "    requires_grad: True": "    requires_grad: True\n    forward_hook: {input: [], output: ['fc']}",
         })
-        assert run(config) == 0
+        assert run_cli(config) == 0
 
 
 def test_timm_teacher_loaded_from_a_file_the_test_wrote(work):
@@ -110,14 +66,14 @@ def test_timm_teacher_loaded_from_a_file_the_test_wrote(work):
             "key: 'timm_model'\n    kwargs: {model_name: 'test_resnet', num_classes: 10}",
         'kwargs: {nz: 64, img_size: 8, nc: 1, ngf: 64}': 'kwargs: {nz: 32, img_size: 32, nc: 3, ngf: 32}',
     })
-    assert run(config) == 0
+    assert run_cli(config) == 0
     assert (work / 'resource/ckpt/digits/lrwa_mb.pt').is_file()
 
 
 def test_missing_teacher_checkpoint_is_a_clear_error_before_training(work, capsys):
     config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml',
                           {**SHORT_RUN, TEACHER_CKPT: 'resource/ckpt/digits/no_such_teacher.pt'})
-    assert run(config) == 2
+    assert run_cli(config) == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and 'no_such_teacher.pt' in err and 'does not exist' in err
     assert err.count('\n') == 1, err
@@ -128,12 +84,12 @@ def test_teacher_that_does_not_match_the_architecture_is_an_error(work, capsys):
     config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', {
         **SHORT_RUN, "key: 'DigitsTeacherCNN'\n    kwargs: {num_classes: 10}": "key: 'DigitsStudentCNN'\n"
                                                                            "    kwargs: {num_classes: 10}"})
-    assert run(config) == 2
+    assert run_cli(config) == 2
     err = capsys.readouterr().err
     assert 'does not match the model' in err and 'teacher' in err
     assert not (work / 'resource/ckpt/digits/lrwa_mb.pt').exists()
 
 
 def test_missing_config_file_is_a_clear_error(work, capsys):
-    assert run(work / 'nope.yaml') == 2
+    assert run_cli(work / 'nope.yaml') == 2
     assert "'" + str(work / 'nope.yaml') + "' does not exist" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""Learning evolution: how steadily the student's test accuracy grows over training.
+
+The LRWA paper (Patel, Mopuri, Qiu, CVPR 2023) claims a *steadier* student rather than a better best one, and
+reports the mean μ, the variance σ² and the maximum Acc_max of the per-epoch test accuracy. Papers disagree on how σ²
+is computed, so the definition used here travels with every number (:data:`DEFINITION`). Because the first epochs
+dominate σ² over a whole run (it mostly measures the warm-up), the late-run figures ``mu_late``, ``sigma2_late``
+(over the second half of the epochs) and ``worst_drop`` are recorded beside the paper's three.
+
+Each run writes ``<dst_ckpt without suffix>.evolution.json``::
+
+    {"accuracy": [...], "mu": ..., "sigma2": ..., "acc_max": ..., "final": ..., "mu_late": ...,
+     "sigma2_late": ..., "worst_drop": ..., "definition": "...", "config": "...", "seed": 0}
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+DEFINITION = (
+    'With a_e the top-1 test accuracy in percent after epoch e = 1..E: mu = mean(a_e), sigma2 = population variance '
+    '(1/E) sum (a_e - mu)^2, acc_max = max a_e, final = a_E, all over every epoch of the run; mu_late and '
+    'sigma2_late are the same over the second half of the epochs (e > floor(E/2)); worst_drop = max_e (a_{e-1} - a_e), '
+    'the largest fall from one epoch to the next (0 if accuracy never falls).'
+)
+STAT_KEYS = ('mu', 'sigma2', 'acc_max', 'final', 'mu_late', 'sigma2_late', 'worst_drop')
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _population_variance(values: Sequence[float]) -> float:
+    mean = _mean(values)
+    return sum((v - mean) ** 2 for v in values) / len(values)
+
+
+def evolution_stats(accuracy: Sequence[float]) -> dict[str, float]:
+    """The statistics of :data:`DEFINITION` for one run's per-epoch accuracies (percent)."""
+    if len(accuracy) == 0:
+        raise ValueError('evolution_stats needs at least one epoch of accuracy')
+    values = [float(a) for a in accuracy]
+    late = values[len(values) // 2:]
+    drops = [prev - cur for prev, cur in zip(values, values[1:])]
+    return {
+        'mu': _mean(values), 'sigma2': _population_variance(values), 'acc_max': max(values), 'final': values[-1],
+        'mu_late': _mean(late), 'sigma2_late': _population_variance(late),
+        'worst_drop': max([0.0, *drops]),
+    }
+
+
+def evolution_path(dst_ckpt: str | os.PathLike) -> Path:
+    """``<dst_ckpt without suffix>.evolution.json``."""
+    path = Path(os.path.expanduser(str(dst_ckpt)))
+    return path.with_name(path.stem + '.evolution.json')
+
+
+def write_evolution(dst_ckpt: str | os.PathLike, accuracy: Sequence[float], config: str | None,
+                    seed: int | None) -> Path:
+    """Writes the run's evolution JSON beside its checkpoint (atomically) and returns its path."""
+    path = evolution_path(dst_ckpt)
+    record = {'accuracy': [float(a) for a in accuracy], **evolution_stats(accuracy), 'definition': DEFINITION,
+              'config': config, 'seed': seed}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(record, indent=2) + '\n')
+    os.replace(tmp, path)
+    return path
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (0 for a single value)."""
+    return _mean(values), math.sqrt(_population_variance(values))
+
+
+def summarise(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per label (e.g. a config), each statistic as mean and std over its runs (seeds)."""
+    summary: dict[str, dict[str, Any]] = {}
+    for label, records in runs.items():
+        entry: dict[str, Any] = {'runs': len(records), 'seeds': [r.get('seed') for r in records]}
+        for key in STAT_KEYS:
+            mean, std = mean_std([float(r[key]) for r in records])
+            entry[key] = {'mean': mean, 'std': std}
+        summary[label] = entry
+    return summary
+
+
+def summary_markdown(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """A markdown table, one row per label, ``mean ± std`` over seeds, with the definition under it."""
+    header = '| config | runs | ' + ' | '.join(STAT_KEYS) + ' |'
+    rule = '|---|---|' + '---|' * len(STAT_KEYS)
+    rows = [f"| {label} | {entry['runs']} | "
+            + ' | '.join(f"{entry[k]['mean']:.2f} ± {entry[k]['std']:.2f}" for k in STAT_KEYS) + ' |'
+            for label, entry in summary.items()]
+    return '\n'.join([header, rule, *rows, '', f'Mean ± std over seeds. {DEFINITION}', ''])
+
+
+def plot_evolution(curves: Mapping[str, Sequence[Sequence[float]]], path: str | os.PathLike,
+                   title: str = 'Student test top-1 per epoch') -> Path:
+    """Draws one line per label (mean over its runs) with a ±std band; writes a PNG."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for label, runs in curves.items():
+        length = min(len(r) for r in runs)
+        columns = [[r[e] for r in runs] for e in range(length)]
+        stats = [mean_std(c) for c in columns]
+        epochs = list(range(1, length + 1))
+        means = [m for m, _ in stats]
+        ax.plot(epochs, means, label=f'{label} (n={len(runs)})')
+        ax.fill_between(epochs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel('epoch (line: mean over seeds; band: ± population std)')
+    ax.set_ylabel('top-1 (%)')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc='lower right', fontsize='small')
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
