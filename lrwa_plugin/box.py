@@ -3,14 +3,15 @@
 torchdistill builds everything it already knows from the YAML — the frozen teacher, the student, their forward
 hooks, the student criterion, optimizer and scheduler, the validation loader — and this box adds what data-free
 distillation needs, from ``train.data_free``: a generator (with its own optimizer and criterion), a replay memory and
-a strategy (``train.strategy``: dfad | mb_dfkd | lrwa). One iteration (Patel, Mopuri, Qiu, CVPR 2023):
+a strategy (``train.strategy``: dfad | mb_dfkd | pre_dfkd | lrwa). One iteration (Patel, Mopuri, Qiu, CVPR 2023):
 
 1. generator step(s): ``x = G(z)``; the generator minimises its criterion (adversarial term plus priors such as
    BatchNorm-statistics matching) through the frozen teacher and the student;
 2. student step(s): ``x = G(z)`` without gradient, a replay batch ``x_m`` from the memory, teacher logits for both;
    the strategy leaves the student gradient in ``.grad`` and torchdistill's optimizer steps (clipping and step-wise
    scheduling as in torchdistill);
-3. the replay memory observes the newest batch.
+3. after every student step, the replay memory observes that step's batch (a ``MemoryBank`` pushes the epoch's last
+   one, a ``GenerativeReplay`` trains its VAE on some of them).
 
 .. code-block:: yaml
 
@@ -33,7 +34,7 @@ a strategy (``train.strategy``: dfad | mb_dfkd | lrwa). One iteration (Patel, Mo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -48,6 +49,7 @@ from torchdistill.optim.registry import get_optimizer, get_scheduler
 from tqdm import tqdm
 
 from .losses import BN_STATS_PATH, TeacherBNStatistics
+from .models.generators import check_generator_fits_teacher
 from .registry import get_replay, get_strategy
 from .replay import ReplayMemory
 
@@ -55,7 +57,11 @@ logger = def_logger.getChild(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite: training stops before the optimizer applies it."""
+    """A loss or gradient became NaN or infinite: training stops before the optimizer applies it.
+
+    The message is one line naming the step (epoch, iteration, generator or student step) and the loss values; the
+    runner prints it and exits with status 3, and nothing is saved over the last checkpoint.
+    """
 
 
 class DataFreeDistillationBox(DistillationBox):
@@ -87,6 +93,7 @@ class DataFreeDistillationBox(DistillationBox):
         self.batch_size = int(data_free.get('batch_size', 256))
         self.student_steps = int(data_free.get('student_steps', 5))
         self._build_generator(data_free['generator'])
+        check_generator_fits_teacher(self.generator, self._unwrapped(self.teacher_model), 'train.data_free.generator')
         self.replay = self._build_replay(data_free.get('replay'))
         self.bn_statistics = TeacherBNStatistics(self._unwrapped(self.teacher_model))
         self.last_losses: dict[str, float] = {}
@@ -104,13 +111,21 @@ class DataFreeDistillationBox(DistillationBox):
         logger.info('Generator loss: %s', self.generator_criterion)
 
     def _build_replay(self, replay_config: dict | None) -> ReplayMemory | None:
-        if not self.strategy.uses_replay:
+        kinds = self.strategy.replay_kinds
+        if not kinds:
             if replay_config:
                 raise ValueError(f"train.data_free.replay is set but strategy '{self.strategy_key}' uses no replay")
             return None
         if not replay_config:
-            raise ValueError(f"strategy '{self.strategy_key}' needs train.data_free.replay (e.g. key: MemoryBank)")
-        return get_replay(replay_config['key'], **replay_config.get('kwargs', {}))
+            raise ValueError(f"strategy '{self.strategy_key}' needs train.data_free.replay (key: one of "
+                             f"{', '.join(kinds)})")
+        key = replay_config.get('key')
+        if key not in kinds:
+            raise ValueError(f"train.data_free.replay.key: '{key}' cannot be used with strategy '{self.strategy_key}'; "
+                             f"allowed: {', '.join(kinds)}")
+        replay = get_replay(key, **replay_config.get('kwargs', {}))
+        replay.attach(self._unwrapped(self.teacher_model), self.device)
+        return replay
 
     @staticmethod
     def _unwrapped(model: nn.Module) -> nn.Module:
@@ -145,11 +160,13 @@ class DataFreeDistillationBox(DistillationBox):
             self.bn_statistics.enabled = False
         teacher_io[BN_STATS_PATH] = {'output': self.bn_statistics.pop()}
         student_io = self._student_io(self.student_model, x)
-        loss = self.generator_criterion({'teacher': teacher_io, 'student': student_io}, {}, None)
-        self._check_finite('generator', loss)
+        io_dict = {'teacher': teacher_io, 'student': student_io}
+        loss = self.generator_criterion(io_dict, {}, None)
+        self._check_finite({'gen': loss}, lambda: _loss_terms(self.generator_criterion, io_dict), {'generated': x})
         self.generator_optimizer.zero_grad(set_to_none=True)
         # inputs=: the student's parameters must not collect gradient from the generator's objective.
         loss.backward(inputs=list(self.generator.parameters()))
+        self._check_finite_gradient('generator', self.generator.parameters(), {'gen': loss})
         self.generator_optimizer.step()
         return float(loss.detach())
 
@@ -170,8 +187,14 @@ class DataFreeDistillationBox(DistillationBox):
         acquire = self._criterion_closure(x, teacher_io)
         retain = self._criterion_closure(x_m, teacher_io_m) if x_m is not None else None
         losses = self.strategy.backward(self.student_model, acquire, retain)
-        for name, value in losses.items():
-            self._check_finite(f'student {name}', value)
+
+        def acquisition_terms() -> dict[str, float]:
+            # At θ, as acquired; L_Ret of lrwa is taken at θ' and is only reported as its total.
+            io_dict = {'teacher': teacher_io, 'student': self._student_io(self.student_model, x)}
+            return {f'acq.{name}': value for name, value in _loss_terms(self.criterion, io_dict).items()}
+
+        self._check_finite(losses, acquisition_terms, {'generated': x, 'replayed': x_m})
+        self._check_finite_gradient('student', self.student_model.parameters(), losses)
         self._optimizer_step()
         return x, losses
 
@@ -187,24 +210,58 @@ class DataFreeDistillationBox(DistillationBox):
                 and self.stage_grad_count % self.scheduling_step == 0:
             self.lr_scheduler.step()
 
-    @staticmethod
-    def _check_finite(name: str, value: Tensor | float) -> None:
-        value = float(value.detach()) if isinstance(value, Tensor) else float(value)
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f'{name} loss is {value}: training stopped before applying it')
+    #: Where training is (set by :meth:`train_iteration`), for the message of a :class:`NonFiniteLossError`.
+    _at: str = 'a step outside train_iteration'
+    _STOPPED = 'training stopped before the optimizer applied it; nothing was saved over the last checkpoint'
+
+    def _check_finite(self, losses: dict[str, Tensor | float], terms: Callable[[], dict[str, float]] | None = None,
+                      batches: dict[str, Tensor | None] | None = None) -> None:
+        """Raises :class:`NonFiniteLossError` if a loss is NaN or infinite, naming the step and every value.
+
+        Only then are the criterion's weighted sub terms computed (``terms``) and the non-finite values of the
+        input batches counted, so a healthy step pays one ``isfinite`` per loss.
+        """
+        values = {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in losses.items()}
+        if all(math.isfinite(v) for v in values.values()):
+            return
+        details = _format_values(values)
+        if terms is not None:
+            with torch.no_grad():
+                term_values = terms()
+            if term_values:
+                details += f' (terms: {_format_values(term_values)})'
+        for kind, batch in (batches or {}).items():
+            if batch is not None and not bool(torch.isfinite(batch).all()):
+                details += f'; {kind} batch: {int((~torch.isfinite(batch)).sum())} of {batch.numel()} values non-finite'
+        raise NonFiniteLossError(f'non-finite loss at {self._at}: {details}; {self._STOPPED}')
+
+    def _check_finite_gradient(self, model: str, parameters: Iterable[nn.Parameter],
+                               losses: dict[str, Tensor | float]) -> None:
+        """Raises :class:`NonFiniteLossError` if the total gradient norm of ``parameters`` is NaN or infinite."""
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if not grads:
+            return
+        norm = float(torch.nn.utils.get_total_norm(grads))  # one fused norm over every gradient
+        if not math.isfinite(norm):
+            values = {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in losses.items()}
+            raise NonFiniteLossError(f'non-finite gradient norm of the {model} ({norm}) at {self._at} with finite '
+                                     f'losses {_format_values(values)}; {self._STOPPED}')
 
     def train_iteration(self, epoch: int, iteration: int) -> dict[str, float]:
         """Generator step(s), student step(s), replay update; returns the last loss values."""
         losses: dict[str, float] = {}
-        for _ in range(self.generator_steps):
+        for step in range(self.generator_steps):
+            self._at = f'epoch {epoch}, iteration {iteration}, generator step {step}'
             losses['gen'] = self.generator_step()
-        x = None
-        for _ in range(self.student_steps):
+        last_iteration = iteration == self.iterations_per_epoch - 1
+        for step in range(self.student_steps):
+            self._at = f'epoch {epoch}, iteration {iteration}, student step {step}'
             x, student_losses = self.student_step()
             losses.update(student_losses)
-        if self.replay is not None and x is not None:
-            self.replay.observe(x, epoch, iteration, iteration == self.iterations_per_epoch - 1)
-            losses['memory'] = float(len(self.replay))
+            if self.replay is not None:  # every student batch; a MemoryBank keeps the epoch's last one
+                self.replay.observe(x, epoch, iteration, last_iteration and step == self.student_steps - 1)
+        if self.replay is not None:
+            losses.update(self.replay.log_values())
         self.last_losses = losses
         return losses
 
@@ -249,3 +306,21 @@ class DataFreeDistillationBox(DistillationBox):
     def clean_modules(self) -> None:
         super().clean_modules()
         self.bn_statistics.remove()
+
+
+def _format_values(values: dict[str, float]) -> str:
+    return ', '.join(f'{name} = {value:.6g}' for name, value in values.items())
+
+
+def _loss_terms(criterion: nn.Module, io_dict: dict) -> dict[str, float]:
+    """The weighted sub terms of a torchdistill ``WeightedSumLoss`` (``{}`` for another criterion), as floats."""
+    term_dict = getattr(criterion, 'term_dict', None)
+    if not isinstance(term_dict, dict):
+        return {}
+    values = {}
+    for name, (term, factor) in term_dict.items():
+        try:
+            values[name] = float(factor * term(io_dict['student'], io_dict['teacher'], None))
+        except (RuntimeError, KeyError, ValueError, TypeError):  # best effort: the stop message matters more
+            continue
+    return values

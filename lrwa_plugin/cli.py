@@ -7,8 +7,10 @@
 ``--config`` it runs the offline digits demo: it trains the teacher if its checkpoint is missing, then distils a
 student with ``strategy: lrwa`` and prints both accuracies.
 
-Mistakes found while building the run (a missing checkpoint, an unknown key) end it before any training with a
-one-line ``error:`` and exit status 2; what fails later keeps its traceback.
+Mistakes found while building the run (a missing checkpoint, an unknown key, a value out of range: see
+:mod:`lrwa_plugin.validation`) end it before any training with a one-line ``error:`` and exit status 2. A loss or
+gradient that becomes NaN or infinite stops training with a one-line ``error:`` naming the step and exit status 3,
+leaving the last checkpoint as it was. Anything else keeps its traceback.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from torchdistill.common import yaml_util
 from torchdistill.common.constant import def_logger
@@ -35,10 +38,11 @@ from torchdistill.models.official import get_image_classification_model
 from torchdistill.models.registry import get_model
 from tqdm import tqdm
 
-from .box import DataFreeDistillationBox
+from .box import DataFreeDistillationBox, NonFiniteLossError
 from .checkpoint import atomic_save, load_weights_strictly
 from .evolution import write_evolution
 from .monitor import TensorBoardLogger, save_sample_grid, teacher_predictions
+from .validation import check_models_agree, first_line, narrow_path, validate_config
 
 logger = def_logger.getChild(__name__)
 
@@ -78,14 +82,27 @@ def load_model(model_config: dict, role: str, device: torch.device, distributed:
     """Builds ``models.<role>`` (torchvision first, then torchdistill's registry) and loads ``src_ckpt`` strictly."""
     if 'key' not in model_config:
         raise SetupError(f'models.{role}: missing key `key` (the registered model name)')
-    model = get_image_classification_model(model_config, distributed)
-    if model is None:
-        model = get_model(model_config['key'], model_config.get('repo_or_dir'), **model_config.get('kwargs', {}))
+    kwargs = model_config.get('kwargs') or {}
+    try:
+        model = get_image_classification_model(model_config, distributed)
+        if model is None:
+            model = get_model(model_config['key'], model_config.get('repo_or_dir'), **kwargs)
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as error:
+        raise SetupError(f'{_model_error_path(role, kwargs, error)}: {first_line(error, limit=None)}') from error
     src_ckpt = model_config.get('src_ckpt')
     if src_ckpt is not None:
         # torchdistill only logs a missing src_ckpt and trains on: here it is an error.
         load_weights_strictly(model, os.path.expanduser(src_ckpt), what=f'models.{role}.src_ckpt')
     return model.to(device)
+
+
+def _model_error_path(role: str, kwargs: dict, error: BaseException) -> str:
+    """The key an error building ``models.<role>`` is about: its checkpoint, the one kwarg it names, or the model."""
+    checkpoint_path = kwargs.get('checkpoint_path')
+    if checkpoint_path is not None and os.fspath(checkpoint_path) in str(error):
+        return f'models.{role}.kwargs.checkpoint_path'
+    path = narrow_path(f'models.{role}.kwargs', kwargs, error)
+    return path if path != f'models.{role}.kwargs' else f'models.{role}'
 
 
 def _has_weights(model_config: dict) -> bool:
@@ -211,7 +228,11 @@ def _load_config(path: str | os.PathLike) -> dict:
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise SetupError(f"--config: file '{path}' does not exist")
-    config = yaml_util.load_yaml_file(path)
+    try:
+        config = yaml_util.load_yaml_file(path)
+    except (yaml.YAMLError, ImportError, AttributeError, ValueError, TypeError, KeyError, OSError) as error:
+        # Loading runs the !import_call / !import_get tags (datasets, transforms): a wrong name fails here.
+        raise SetupError(f"--config: '{path}' could not be loaded: {first_line(error)}") from error
     if not isinstance(config, dict):
         raise SetupError(f"--config: '{path}' is not a YAML mapping")
     return config
@@ -226,6 +247,7 @@ def run(config_path: str | os.PathLike, args: argparse.Namespace) -> dict[str, f
     try:
         config = _load_config(config_path)
         import_dependencies(config.get('dependencies'))
+        validate_config(config, training=not args.test_only)
         models_config = config.get('models', {})
         student_key = 'student_model' if 'student_model' in models_config else 'model'
         if student_key not in models_config:
@@ -244,8 +266,11 @@ def run(config_path: str | os.PathLike, args: argparse.Namespace) -> dict[str, f
         student = load_model(student_config, student_key, device, distributed)
         box = None if args.test_only else build_box(teacher, student, config, device, device_ids, distributed,
                                                     world_size, args)
-    except (SetupError, ValueError, FileNotFoundError) as error:
-        raise SetupError(str(error)) from error
+        if isinstance(box, DataFreeDistillationBox):
+            check_models_agree(box, models_config, student_key)
+    except (SetupError, ValueError, FileNotFoundError, KeyError, TypeError) as error:
+        # Everything above is built from the config: its errors are the user's to fix, printed on one line.
+        raise SetupError(first_line(error, limit=None)) from error
     if args.log_config:
         logger.info(config)
     results: dict[str, float] = {}
@@ -280,7 +305,7 @@ def run_demo(config_dir: Path, args: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike | None = None) -> int:
-    """Entry point; returns the process exit status (2 for a config error found before training)."""
+    """Entry point; returns the exit status: 2 for a config error found before training, 3 for a non-finite loss."""
     args = get_argparser().parse_args(argv)
     set_basic_log_config()
     if args.run_log is not None:
@@ -299,6 +324,9 @@ def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike |
     except SetupError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 3
     summary = ', '.join(f'{k} {v:.2f}' + ('%' if 'top1' in k else ' s' if k == 'seconds' else '')
                         for k, v in results.items())
     print(f'Summary [{label}]: {summary}; wall time {time.time() - start:.0f} s')

@@ -9,13 +9,40 @@ used to evaluate.
     datasets:
       digits/train: !import_call {key: 'lrwa_plugin.datasets.SklearnDigits', init: {kwargs: {split: 'train'}}}
       digits/test: !import_call {key: 'lrwa_plugin.datasets.SklearnDigits', init: {kwargs: {split: 'test'}}}
+
+The paper-scale datasets come from disk through small factories used with torchdistill's ``!import_call``:
+:func:`cifar` (torchvision's CIFAR-10 / CIFAR-100) and :func:`tiny_imagenet` (an ``ImageFolder`` over the extracted
+``tiny-imagenet-200`` folder). Nothing is downloaded unless ``download: True``; data that is absent (and cannot be
+fetched) is a ``FileNotFoundError`` whose one-line message says what to put where, which the runner prints as
+``error: ...`` with exit status 2.
+
+.. code-block:: yaml
+
+    datasets:
+      cifar100/test: !import_call
+        key: 'lrwa_plugin.datasets.cifar'
+        init: {kwargs: {name: 'cifar100', root: '~/datasets/cifar100', split: 'test', download: False}}
+      tiny_imagenet/val: !import_call
+        key: 'lrwa_plugin.datasets.tiny_imagenet'
+        init: {kwargs: {root: '~/datasets/tiny-imagenet-200', split: 'val', download: False, reorganize: False}}
 """
 from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
+from torchvision.datasets.utils import download_and_extract_archive
+
+from .models.cifar import CIFAR_MEAN, CIFAR_STD
 
 #: Pixel mean and std of the train split after scaling to [0, 1] (measured once; the split is fixed).
 DIGITS_MEAN = 0.3054
@@ -60,3 +87,195 @@ class SklearnDigits(Dataset):
 
     def __repr__(self) -> str:
         return f'SklearnDigits(split={self.split!r}, size={len(self)})'
+
+
+# ------------------------------------------------------------------------------------------------- CIFAR
+#: ``name`` of :func:`cifar` -> (how messages name it, torchvision class, the folder its archive extracts to).
+CIFAR_DATASETS: dict[str, tuple[str, type, str]] = {
+    'cifar10': ('CIFAR-10', tv_datasets.CIFAR10, 'cifar-10-batches-py'),
+    'cifar100': ('CIFAR-100', tv_datasets.CIFAR100, 'cifar-100-python'),
+}
+CIFAR_SPLITS = ('train', 'test')
+
+
+def cifar_transform(augment: bool) -> T.Compose:
+    """The DFKD code bases' CIFAR pipeline: (random 32x32 crop with 4-pixel padding and horizontal flip when
+    ``augment``), tensor, normalisation with :data:`lrwa_plugin.models.cifar.CIFAR_MEAN` / ``CIFAR_STD``."""
+    steps: list[Callable] = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+
+
+def _reason(error: BaseException) -> str:
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), '')
+    return f'{type(error).__name__}: {text}' if text else type(error).__name__
+
+
+def cifar(name: str = 'cifar100', root: str | os.PathLike = '~/datasets/cifar100', split: str = 'test',
+          download: bool = False, transform: Callable | None = None, augment: bool | None = None) -> Dataset:
+    """torchvision's CIFAR-10 or CIFAR-100 from ``root``, with a one-line error when it is not there.
+
+    Args:
+        name: ``'cifar10'`` or ``'cifar100'``.
+        root: the folder holding the extracted ``cifar-10-batches-py`` / ``cifar-100-python`` folder (``~`` allowed).
+        split: ``'train'`` (50,000 images) or ``'test'`` (10,000 images).
+        download: fetch and extract the archive into ``root`` when it is missing (needs internet).
+        transform: the image transform; default :func:`cifar_transform` (``augment``).
+        augment: random crop and flip in the default transform; default: only for ``split: 'train'``.
+
+    Returns:
+        The torchvision dataset: ``(normalised 3x32x32 tensor, class index)`` pairs.
+
+    Raises:
+        ValueError: unknown ``name`` or ``split``.
+        FileNotFoundError: the data is not under ``root`` (or is corrupted) and was not, or could not be, downloaded.
+
+    .. code-block:: yaml
+
+        cifar100/test: !import_call
+          key: 'lrwa_plugin.datasets.cifar'
+          init: {kwargs: {name: 'cifar100', root: '~/datasets/cifar100', split: 'test', download: False}}
+    """
+    if name not in CIFAR_DATASETS:
+        raise ValueError(f"cifar: name '{name}' is not one of {', '.join(CIFAR_DATASETS)}")
+    if split not in CIFAR_SPLITS:
+        raise ValueError(f"cifar: split '{split}' is not one of {', '.join(CIFAR_SPLITS)}")
+    label, dataset_class, folder = CIFAR_DATASETS[name]
+    root = os.path.expanduser(os.fspath(root))
+    if transform is None:
+        transform = cifar_transform(split == 'train' if augment is None else augment)
+    try:
+        return dataset_class(root, train=split == 'train', transform=transform, download=False)
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+        missing = error
+    if download:
+        try:
+            return dataset_class(root, train=split == 'train', transform=transform, download=True)
+        except (OSError, RuntimeError) as error:
+            raise FileNotFoundError(f"{label} not found under '{root}' and could not be downloaded "
+                                    f"({_reason(error)}): put the extracted '{folder}' folder there") from error
+    if os.path.isdir(os.path.join(root, folder)):
+        raise FileNotFoundError(f"{label} under '{root}' is incomplete or corrupted (the files in '{folder}' do not "
+                                'match their checksums): delete that folder and pass download: True on a machine with '
+                                f"internet, or put a good copy there") from missing
+    raise FileNotFoundError(f"{label} not found under '{root}': pass download: True on a machine with internet, or "
+                            f"put the extracted '{folder}' folder there") from missing
+
+
+# ------------------------------------------------------------------------------------------ Tiny-ImageNet
+TINY_IMAGENET_URL = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip'
+TINY_IMAGENET_FOLDER = 'tiny-imagenet-200'
+TINY_IMAGENET_SPLITS = ('train', 'val')
+
+
+def tiny_imagenet_transform(augment: bool) -> T.Compose:
+    """Tiny-ImageNet at 64x64: (random crop with 4-pixel padding and horizontal flip when ``augment``), tensor,
+    ImageNet normalisation (as the LRWA / PRE-DFKD code)."""
+    steps: list[Callable] = [T.RandomCrop(64, padding=4), T.RandomHorizontalFlip()] if augment else [T.Resize(64)]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def _tiny_imagenet_folder(root: Path) -> Path | None:
+    """``root`` itself when it holds ``train/``, else ``root/tiny-imagenet-200`` when that does, else None."""
+    for folder in (root, root / TINY_IMAGENET_FOLDER):
+        if (folder / 'train').is_dir():
+            return folder
+    return None
+
+
+def _class_folders(directory: Path) -> list[str]:
+    return sorted(entry.name for entry in directory.iterdir() if entry.is_dir()) if directory.is_dir() else []
+
+
+def reorganize_tiny_imagenet_val(folder: str | os.PathLike) -> int:
+    """Sorts Tiny-ImageNet's validation images into one folder per class, so that ``ImageFolder`` reads them.
+
+    The archive ships ``val/images/val_<i>.JPEG`` and ``val/val_annotations.txt`` (``file<TAB>wnid<TAB>box``); this
+    moves every image to ``val/<wnid>/val_<i>.JPEG`` (the usual re-organisation) and removes the emptied ``images``
+    folder. Images already moved are skipped, so it can be re-run after an interruption.
+
+    Args:
+        folder: the extracted ``tiny-imagenet-200`` folder (holding ``train/`` and ``val/``).
+
+    Returns:
+        The number of images moved.
+
+    Raises:
+        FileNotFoundError: ``val/val_annotations.txt`` is missing.
+    """
+    val = Path(os.path.expanduser(os.fspath(folder))) / 'val'
+    annotations = val / 'val_annotations.txt'
+    if not annotations.is_file():
+        raise FileNotFoundError(f"Tiny-ImageNet: '{annotations}' not found; it tells each validation image's class")
+    moved = 0
+    for line in annotations.read_text().splitlines():
+        fields = line.split('\t')
+        if len(fields) < 2:
+            continue
+        source, target = val / 'images' / fields[0], val / fields[1] / fields[0]
+        if source.is_file():
+            target.parent.mkdir(exist_ok=True)
+            shutil.move(source, target)
+            moved += 1
+    images = val / 'images'
+    if images.is_dir() and not any(images.iterdir()):
+        images.rmdir()
+    return moved
+
+
+def tiny_imagenet(root: str | os.PathLike = '~/datasets/tiny-imagenet-200', split: str = 'val',
+                  download: bool = False, reorganize: bool = False, transform: Callable | None = None,
+                  augment: bool | None = None) -> tv_datasets.ImageFolder:
+    """Tiny-ImageNet (200 classes, 64x64) as a torchvision ``ImageFolder`` over ``train/`` or ``val/``.
+
+    ``root`` is the extracted ``tiny-imagenet-200`` folder (or the folder holding it). Its ``val/`` must be sorted
+    into class folders first (:func:`reorganize_tiny_imagenet_val`; ``reorganize: True`` does it here, once, in place).
+    Class indices are the sorted WordNet ids, the same for both splits (checked). ``val`` is the split every paper
+    reports (the test split has no labels).
+
+    Args:
+        root: ``tiny-imagenet-200`` or its parent (``~`` allowed).
+        split: ``'train'`` (100,000 images) or ``'val'`` (10,000 images).
+        download: fetch and extract ``tiny-imagenet-200.zip`` into ``root`` when missing (needs internet; then the
+            validation images are sorted too).
+        reorganize: sort ``val/`` into class folders if it is not yet (moves files inside ``root``).
+        transform: the image transform; default :func:`tiny_imagenet_transform` (``augment``).
+        augment: random crop and flip in the default transform; default: only for ``split: 'train'``.
+
+    Raises:
+        ValueError: unknown ``split``.
+        FileNotFoundError: the data is absent and was not, or could not be, downloaded; or ``val/`` is not sorted
+            into class folders and ``reorganize`` is False; or ``val/`` and ``train/`` name different classes.
+
+    .. code-block:: yaml
+
+        tiny_imagenet/val: !import_call
+          key: 'lrwa_plugin.datasets.tiny_imagenet'
+          init: {kwargs: {root: '~/datasets/tiny-imagenet-200', split: 'val', download: False, reorganize: False}}
+    """
+    if split not in TINY_IMAGENET_SPLITS:
+        raise ValueError(f"tiny_imagenet: split '{split}' is not one of {', '.join(TINY_IMAGENET_SPLITS)}")
+    root = Path(os.path.expanduser(os.fspath(root)))
+    folder = _tiny_imagenet_folder(root)
+    if folder is None and download:
+        try:
+            download_and_extract_archive(TINY_IMAGENET_URL, os.fspath(root))
+        except (OSError, RuntimeError) as error:
+            raise FileNotFoundError(f"Tiny-ImageNet not found under '{root}' and could not be downloaded "
+                                    f"({_reason(error)}): put the extracted '{TINY_IMAGENET_FOLDER}' folder there"
+                                    ) from error
+        folder, reorganize = _tiny_imagenet_folder(root), True
+    if folder is None:
+        raise FileNotFoundError(f"Tiny-ImageNet not found under '{root}': pass download: True on a machine with "
+                                f"internet, or put the extracted '{TINY_IMAGENET_FOLDER}' folder there")
+    directory = folder / split
+    if split == 'val' and (directory / 'images').is_dir():
+        if not reorganize:
+            raise FileNotFoundError(f"Tiny-ImageNet val/ under '{folder}' is not sorted into class folders: pass "
+                                    'reorganize: True once (moves val/images/* to val/<wnid>/ by val_annotations.txt)')
+        reorganize_tiny_imagenet_val(folder)
+    if split == 'val' and _class_folders(directory) != _class_folders(folder / 'train'):
+        raise FileNotFoundError(f"Tiny-ImageNet under '{folder}': val/ and train/ have different class folders, so "
+                                'their class indices would not agree')
+    if transform is None:
+        transform = tiny_imagenet_transform(split == 'train' if augment is None else augment)
+    return tv_datasets.ImageFolder(os.fspath(directory), transform=transform)

@@ -8,9 +8,9 @@ Student side (knowledge acquisition and retention, Patel, Mopuri, Qiu, CVPR 2023
 ``LogitsL1Loss`` — the L1 distance between student and teacher logits of DFAD (Fang et al., 2019) and the paper.
 
 Generator side (minimised by the generator):
-``AdversarialLoss`` (−discrepancy: the generator seeks samples the student gets wrong, DFAD),
-``BNStatMatchingLoss`` (DeepInversion, Yin et al., CVPR 2020), ``OneHotLoss`` and ``InformationEntropyLoss``
-(DAFL, Chen et al., ICCV 2019).
+``AdversarialLoss`` (−discrepancy, L1 | KL | JS: the generator seeks samples the student gets wrong, DFAD and
+PRE-DFKD), ``BNStatMatchingLoss`` (DeepInversion, Yin et al., CVPR 2020), ``OneHotLoss``, ``InformationEntropyLoss``
+and ``ActivationNormLoss`` (DAFL, Chen et al., ICCV 2019).
 
 .. code-block:: yaml
 
@@ -22,6 +22,7 @@ Generator side (minimised by the generator):
           bn: {criterion: {key: 'BNStatMatchingLoss', kwargs: {}}, weight: 10.0}
           onehot: {criterion: {key: 'OneHotLoss', kwargs: {}}, weight: 1.0}
           ie: {criterion: {key: 'InformationEntropyLoss', kwargs: {}}, weight: 5.0}
+          act: {criterion: {key: 'ActivationNormLoss', kwargs: {}}, weight: 0.1}   # needs the teacher's fc hook
 """
 from __future__ import annotations
 
@@ -72,32 +73,132 @@ class LogitsL1Loss(_TeacherStudentLoss):
         return F.l1_loss(student_logits, teacher_logits.detach())
 
 
-ADVERSARIAL_KINDS = ('l1',)
+ADVERSARIAL_KINDS = ('l1', 'kl', 'js')
+
+#: Probabilities are clamped to this range before their logarithm is taken ('js'): an underflowed softmax entry
+#: would otherwise give ``0 * log 0 = nan`` in the value or the gradient.
+JS_CLAMP = (1e-7, 1.0)
+
+
+def kl_discrepancy(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``T² · mean_i KL(softmax(t_i/T) ‖ softmax(s_i/T))``: teacher → student, as Hinton et al.'s KD term."""
+    log_q = F.log_softmax(student_logits / temperature, dim=1)
+    log_p = F.log_softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_q, log_p, reduction='batchmean', log_target=True) * temperature ** 2
+
+
+def js_discrepancy(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+                   clamp: tuple[float, float] = JS_CLAMP) -> Tensor:
+    """``mean_i ½ KL(p_i ‖ m_i) + ½ KL(q_i ‖ m_i)``, ``m = (p + q)/2``, ``p``/``q`` teacher/student at temperature T.
+
+    ``p``, ``q`` and ``m`` are clamped to ``clamp`` before the logarithms (the weights in front of them are not).
+    """
+    p = F.softmax(teacher_logits / temperature, dim=1)
+    q = F.softmax(student_logits / temperature, dim=1)
+    m = 0.5 * (p + q)
+    low, high = clamp
+    log_p, log_q, log_m = (torch.log(v.clamp(low, high)) for v in (p, q, m))
+    return (0.5 * (p * (log_p - log_m)).sum(dim=1) + 0.5 * (q * (log_q - log_m)).sum(dim=1)).mean()
 
 
 @register_mid_level_loss
 class AdversarialLoss(_TeacherStudentLoss):
-    """The generator's adversarial term: the negative teacher–student discrepancy ``−mean |s − t|`` (DFAD).
+    """The generator's adversarial term: the negative teacher–student discrepancy ``−D(t, s)`` (DFAD).
 
-    Minimising it drives the generator towards samples on which the student disagrees with the teacher.
+    Minimising it drives the generator towards samples on which the student disagrees with the teacher. Both sides
+    keep their gradient: the generator reaches ``x`` through the teacher and through the student.
+
+    * ``'l1'``: ``D = mean |s − t|`` over all logits (DFAD, Fang et al., 2019; MB-DFKD; the LRWA paper).
+    * ``'kl'``: ``D = T² · mean_i KL(softmax(t_i/T) ‖ softmax(s_i/T))``, teacher → student, summed over classes and
+      averaged over the batch; the factor ``T²`` (Hinton et al., 2015) keeps the gradient's scale roughly independent
+      of T.
+    * ``'js'``: ``D = mean_i JS(p_i, q_i) = ½ KL(p ‖ m) + ½ KL(q ‖ m)``, ``m = (p + q)/2``, ``p``/``q`` the
+      teacher/student softmax at temperature T (the PRE-DFKD generator, Binici et al., AAAI 2022, with T = 3; the
+      LRWA code reuses it). The probabilities are clamped to ``clamp`` (default ``[1e-7, 1]``) before the logs, so a
+      saturated softmax gives a finite value and gradient. No factor ``T²``. Differences from the released
+      PRE-DFKD/LRWA function ``JS_divergence``, which is kept out on purpose: it clamps to ``[0.01, 0.99]`` (set
+      ``clamp: [0.01, 0.99]`` to match), computes ``D' = ½ KL(m ‖ p) + ½ KL(m ‖ q)`` (the arguments of
+      ``nn.KLDivLoss`` are swapped, so it is not the Jensen–Shannon divergence), averages over batch *and* classes,
+      and returns ``1 − clamp(D', 0, 1)`` (the gradient of ``−D'`` while ``0 < D' < 1``).
 
     Args:
-        kind: discrepancy; ``'l1'``.
+        kind: discrepancy; ``'l1'``, ``'kl'`` or ``'js'``.
+        temperature: softmax temperature T of ``'kl'`` and ``'js'`` (ignored by ``'l1'``).
+        clamp: ``[min, max]`` of the probabilities before the logs of ``'js'``.
+        **kwargs: the module paths of :class:`LogitsL1Loss` (default: both models' own output).
 
     .. code-block:: yaml
 
         adv: {criterion: {key: 'AdversarialLoss', kwargs: {kind: 'l1'}}, weight: 1.0}
+        adv: {criterion: {key: 'AdversarialLoss', kwargs: {kind: 'kl', temperature: 4.0}}, weight: 1.0}
+        adv: {criterion: {key: 'AdversarialLoss', kwargs: {kind: 'js', temperature: 3.0}}, weight: 1.0}
     """
 
-    def __init__(self, kind: str = 'l1', **kwargs: Any) -> None:
+    def __init__(self, kind: str = 'l1', temperature: float = 1.0, clamp: tuple[float, float] | list[float] = JS_CLAMP,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if kind not in ADVERSARIAL_KINDS:
             raise ValueError(f"AdversarialLoss: kind '{kind}' is not one of {', '.join(ADVERSARIAL_KINDS)}")
-        self.kind = kind
+        if not temperature > 0:
+            raise ValueError(f'AdversarialLoss: temperature must be > 0, got {temperature}')
+        if len(clamp) != 2 or not 0 < clamp[0] < clamp[1] <= 1:
+            raise ValueError(f'AdversarialLoss: clamp must be [min, max] with 0 < min < max <= 1, got {clamp}')
+        self.kind, self.temperature, self.clamp = kind, float(temperature), (float(clamp[0]), float(clamp[1]))
 
     def forward(self, student_io_dict: dict, teacher_io_dict: dict, *args: Any, **kwargs: Any) -> Tensor:
         student_logits, teacher_logits = self.pair(student_io_dict, teacher_io_dict)
+        if self.kind == 'kl':
+            return -kl_discrepancy(student_logits, teacher_logits, self.temperature)
+        if self.kind == 'js':
+            return -js_discrepancy(student_logits, teacher_logits, self.temperature, self.clamp)
         return -F.l1_loss(student_logits, teacher_logits)
+
+
+@register_mid_level_loss
+class ActivationNormLoss(nn.Module):
+    """Activation loss of DAFL (Chen et al., "Data-Free Learning of Student Networks", ICCV 2019): ``−mean |f|``.
+
+    ``f`` are teacher features on the generated batch, by default the input of the teacher's final linear layer
+    (DAFL's ``f_T``): real images excite the teacher's features strongly, so the generator is pushed towards large
+    activations. The mean is over the batch *and* the feature dimension, as in the DAFL/PRE-DFKD/LRWA code (the
+    paper's ``−(1/n) Σ_i ‖f_i‖₁`` divided by the feature size, which only rescales the weight).
+
+    The features come from torchdistill's forward hook, so the teacher must declare it under ``train.teacher``; a
+    missing hook is a ``KeyError`` that says so.
+
+    Args:
+        teacher_module_path: teacher module whose input or output is ``f`` (``'fc'`` for timm ResNets and the digits
+            CNNs; ``'head.fc'`` or ``'classifier'`` for other timm models).
+        teacher_module_io: ``'input'`` or ``'output'``.
+
+    .. code-block:: yaml
+
+        train:
+          teacher:
+            forward_proc: 'forward_batch_only'
+            requires_grad: False
+            forward_hook: {input: ['fc'], output: []}
+          data_free:
+            generator:
+              criterion:
+                key: 'WeightedSumLoss'
+                kwargs:
+                  sub_terms:
+                    act: {criterion: {key: 'ActivationNormLoss',
+                                      kwargs: {teacher_module_path: 'fc', teacher_module_io: 'input'}}, weight: 0.1}
+    """
+
+    def __init__(self, teacher_module_path: str = 'fc', teacher_module_io: str = 'input') -> None:
+        super().__init__()
+        self.teacher_module_path, self.teacher_module_io = teacher_module_path, teacher_module_io
+
+    def forward(self, student_io_dict: dict, teacher_io_dict: dict, *args: Any, **kwargs: Any) -> Tensor:
+        features = teacher_io_dict.get(self.teacher_module_path, {}).get(self.teacher_module_io)
+        if features is None:
+            path, io = self.teacher_module_path, self.teacher_module_io
+            raise KeyError(f"ActivationNormLoss needs the teacher's '{path}' {io}: add "
+                           f"forward_hook: {{{io}: ['{path}']}} under train.teacher")
+        return -features.abs().mean()
 
 
 @register_mid_level_loss
@@ -121,6 +222,8 @@ class OneHotLoss(nn.Module):
 @register_mid_level_loss
 class InformationEntropyLoss(nn.Module):
     """Negative entropy of the batch-mean teacher prediction, ``Σ_k p̄_k log p̄_k`` (DAFL): balances the classes.
+
+    Natural logarithm; the DAFL/PRE-DFKD/LRWA code uses ``log10``, i.e. this term times ``1/ln 10`` (scale the weight).
 
     .. code-block:: yaml
 

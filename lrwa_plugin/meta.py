@@ -21,10 +21,10 @@ In a torchdistill YAML config::
 
 and in code (usable without torchdistill)::
 
-    from lrwa_plugin.meta import retain_while_acquire, RetainWhileAcquire
-    l_acq, l_ret = retain_while_acquire(student, acquire=lambda model: crit(model(x), t),
-                                        retain=lambda model: crit(model(x_m), t_m),
-                                        alpha=0.9, backend='higher', order='second')
+    from lrwa_plugin.meta import RetainWhileAcquire
+    meta = RetainWhileAcquire(alpha=0.9, backend='higher', order='second')   # once
+    l_acq, l_ret = meta(student, acquire=lambda model: crit(model(x), t),     # every step
+                        retain=lambda model: crit(model(x_m), t_m))
     # adds ∇J(θ) into student's .grad like .backward() would; the returned losses are detached.
 
 ``acquire`` is called once with a module-like callable running the student at θ, ``retain`` once with one running it
@@ -32,13 +32,23 @@ at θ'. Both backends leave the student's buffers (BatchNorm statistics) as a pl
 at θ followed by a plain forward of the memory batch at θ' would, and fire the student's forward (pre-)hooks in both
 forwards, so torchdistill's io_dict is filled each time.
 
-The copy_initial_weights pitfall: ``higher.innerloop_ctx`` by default sets ``copy_initial_weights`` to True, which
-makes the fast weights *detached copies* of the student's parameters. L_Ret(θ') then has no path back to θ: its
-gradient on the student is silently zero and the memory batch has no effect on the update (the paper's released code
-has exactly this bug). This module always passes ``copy_initial_weights=False``.
+Cost. ``∇L_Acq(θ)`` is backpropagated once and reused as the inner step's direction and as the first term of ∇J; the
+acquisition batch has one forward. Second order adds what the exact Hessian-vector product needs: the graph of that
+backward is kept and differentiated again (for a convolution, the backward of its backward is about four more
+convolutions, plus a second backward through the acquisition forward). First order adds only the small memory
+forward and backward at θ'. A :class:`RetainWhileAcquire` builds what can be built once per student (parameter
+lists, higher's patched module) on its first call and reuses it while the student's modules, parameters and buffers
+are the same objects; the functional form :func:`retain_while_acquire` builds them on every call.
 
-Caveat: gradients are written into ``.grad`` directly, not through ``.backward()``, so a
-``DistributedDataParallel`` wrapper's gradient all-reduce is not triggered; the caller must synchronise them.
+The copy_initial_weights pitfall: ``higher.innerloop_ctx`` and ``higher.monkeypatch`` by default set
+``copy_initial_weights`` to True, which makes the fast weights *detached copies* of the student's parameters.
+L_Ret(θ') then has no path back to θ: its gradient on the student is silently zero and the memory batch has no
+effect on the update (the paper's released code has exactly this bug). This module always passes
+``copy_initial_weights=False``, and the patched module runs the student's own parameters.
+
+Caveat: gradients are accumulated by ``torch.autograd.backward`` on the unwrapped module, not through a
+``DistributedDataParallel`` wrapper's forward, so its gradient all-reduce is not triggered; the caller must
+synchronise them.
 """
 from __future__ import annotations
 
@@ -67,11 +77,13 @@ Grads = list[torch.Tensor | None]
 class RetainWhileAcquire:
     """Adds ∇_θ[L_Acq(θ) + L_Ret(θ − α∇L_Acq(θ))] into the student's ``.grad``.
 
-    Built once (e.g. from the YAML ``meta`` block) and called at every student step.
+    Built once (e.g. from the YAML ``meta`` block) and called at every student step: it keeps what it built for the
+    last student it was called with (see :class:`_StudentState`) and rebuilds it when that student's modules,
+    parameters, buffers or trainable set change.
 
     Args:
         alpha: step size of the virtual SGD step; finite and > 0.
-        backend: ``'higher'`` (``higher.innerloop_ctx``) or ``'functional'`` (``torch.func.functional_call``).
+        backend: ``'higher'`` (higher's patched module) or ``'functional'`` (``torch.func.functional_call``).
         order: ``'second'`` for the exact gradient, ``'first'`` to drop the Hessian term.
 
     Raises:
@@ -88,6 +100,7 @@ class RetainWhileAcquire:
         self.alpha = float(alpha)
         self.backend = backend
         self.order = order
+        self._state: _StudentState | None = None
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(alpha={self.alpha}, backend={self.backend!r}, order={self.order!r})'
@@ -106,21 +119,33 @@ class RetainWhileAcquire:
             ``(l_acq, l_ret)``, detached; ``l_ret`` is ``None`` when ``retain`` is ``None``.
         """
         module = _unwrap(student)
-        params = [p for _, p in _trainable(module)]
+        state = self._state_for(module, patched=retain is not None and self.backend == 'higher')
+        params = state.trainable
         if not params:
             raise ValueError('meta student has no parameter with requires_grad=True')
+        second_order = self.order == 'second'
         # The caller may sit in a no_grad evaluation context; the step needs a graph regardless.
         with torch.enable_grad():
             if retain is None:
                 l_acq = acquire(module)
-                grads = list(torch.autograd.grad(l_acq, params, allow_unused=True))
-                l_ret = None
-            elif self.backend == 'higher':
-                l_acq, l_ret, grads = _step_higher(module, acquire, retain, self.alpha, self.order == 'second')
-            else:
-                l_acq, l_ret, grads = _step_functional(module, acquire, retain, self.alpha, self.order == 'second')
-        _accumulate_grads(params, grads)
-        return l_acq.detach(), None if l_ret is None else l_ret.detach()
+                torch.autograd.backward(l_acq, inputs=params)
+                return l_acq.detach(), None
+            step = _step_higher if self.backend == 'higher' else _step_functional
+            l_acq, l_ret, g_acq = step(state, acquire, retain, self.alpha, second_order)
+            # ∇L_Ret through θ' (to θ' only, or on through the inner step) plus the reused ∇L_Acq(θ), summed and
+            # accumulated into .grad by autograd itself, exactly as .backward() accumulates.
+            present = [(p, g.detach()) for p, g in zip(params, g_acq) if g is not None]
+            torch.autograd.backward([l_ret, *(p for p, _ in present)], [None, *(g for _, g in present)],
+                                    inputs=params)
+        return l_acq.detach(), l_ret.detach()
+
+    def _state_for(self, module: nn.Module, patched: bool) -> _StudentState:
+        state = self._state
+        if state is None or not state.matches(module):
+            state = self._state = _StudentState(module)
+        if patched:
+            state.sync_patched()
+        return state
 
 
 def retain_while_acquire(
@@ -131,56 +156,143 @@ def retain_while_acquire(
     backend: str = 'higher',
     order: str = 'second',
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Functional form of :class:`RetainWhileAcquire`: ``RetainWhileAcquire(alpha, backend, order)(...)``."""
+    """Functional form of :class:`RetainWhileAcquire`: ``RetainWhileAcquire(alpha, backend, order)(...)``.
+
+    It builds the per-student state on every call; to reuse it across steps, build a :class:`RetainWhileAcquire`
+    once and call it.
+    """
     return RetainWhileAcquire(alpha, backend=backend, order=order)(student, acquire, retain)
 
 
 def _step_higher(
-    module: nn.Module, acquire: LossFn, retain: LossFn, alpha: float, second_order: bool
+    state: _StudentState, acquire: LossFn, retain: LossFn, alpha: float, second_order: bool
 ) -> tuple[torch.Tensor, torch.Tensor, Grads]:
-    """The step through ``higher``; returns the losses and ∇J for the trainable parameters."""
-    all_params = list(module.parameters())
-    trainable = [i for i, p in enumerate(all_params) if p.requires_grad]
-    params = [all_params[i] for i in trainable]
-    # A dedicated plain SGD: the student's own optimizer (momentum, weight decay, state) must not shape θ'.
-    inner_opt = torch.optim.SGD(params, lr=alpha, momentum=0.0, weight_decay=0.0)
-    acq_grads: list[Sequence[torch.Tensor | None]] = []
-
-    def keep_acq_grads(grads: Sequence[torch.Tensor | None]) -> Sequence[torch.Tensor | None]:
-        acq_grads.append(grads)  # reused below, so L_Acq is backpropagated once
-        return grads
-
-    with higher.innerloop_ctx(module, inner_opt, copy_initial_weights=False,
-                              track_higher_grads=second_order) as (fmodel, diffopt):
-        with _mirrored_forward_hooks(module, fmodel):
-            l_acq = acquire(fmodel)
-            diffopt.step(l_acq, grad_callback=keep_acq_grads)
+    """The step through higher's patched module; returns both losses and ∇L_Acq(θ) (with its graph if second order)."""
+    fmodel = state.fmodel
+    params = state.trainable
+    with _mirrored_forward_hooks(state.module_pairs):
+        l_acq = acquire(fmodel)  # the patched module runs the student's own parameters: θ
+        g_acq = _acquisition_grads(l_acq, params, second_order)
+        fmodel.update_params(state.all_with_trainable(_inner_step(params, g_acq, alpha, second_order)))
+        try:
             l_ret = retain(fmodel)
-        # Second order differentiates through θ' = θ − αg back to the student; first order stops at θ'.
-        targets = params if second_order else [fmodel.fast_params[i] for i in trainable]
-        ret_grads = torch.autograd.grad(l_ret, targets, allow_unused=True)
-        # higher cloned the buffers: hand the updated BatchNorm statistics back to the student.
-        _copy_buffers_back(fmodel, module)
-    g_acq = [acq_grads[0][i] for i in trainable]
-    return l_acq, l_ret, _add_grads(_detached(g_acq), list(ret_grads))
+        finally:
+            # Back to θ, so the cached module keeps neither θ' nor the graph behind it.
+            fmodel.update_params(state.params)
+    return l_acq, l_ret, g_acq
 
 
 def _step_functional(
-    module: nn.Module, acquire: LossFn, retain: LossFn, alpha: float, second_order: bool
+    state: _StudentState, acquire: LossFn, retain: LossFn, alpha: float, second_order: bool
 ) -> tuple[torch.Tensor, torch.Tensor, Grads]:
-    """The step through ``torch.func.functional_call``; returns the losses and ∇J for the trainable parameters."""
-    names, params = zip(*_trainable(module))
-    l_acq = acquire(module)
-    g_acq = list(torch.autograd.grad(l_acq, params, create_graph=second_order, allow_unused=True))
-    g_or_zero = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_acq)]
+    """The step through ``torch.func.functional_call``; returns both losses and ∇L_Acq(θ)."""
+    l_acq = acquire(state.module)
+    g_acq = _acquisition_grads(l_acq, state.trainable, second_order)
+    fast = _inner_step(state.trainable, g_acq, alpha, second_order)
+    l_ret = retain(_FunctionalModel(state.module, dict(zip(state.trainable_names, fast))))
+    return l_acq, l_ret, g_acq
+
+
+def _acquisition_grads(l_acq: torch.Tensor, params: Sequence[torch.Tensor], second_order: bool) -> Grads:
+    """∇L_Acq(θ), the one backward of the acquisition loss; with its graph kept when the Hessian term needs it."""
+    return list(torch.autograd.grad(l_acq, params, create_graph=second_order, allow_unused=True))
+
+
+def _inner_step(params: Sequence[torch.Tensor], grads: Grads, alpha: float, second_order: bool) -> list[torch.Tensor]:
+    """θ' = θ + (−α·g), as a differentiable function of θ.
+
+    Two roundings (a multiply, then an add), as higher's SGD and the tests' plain reference compute it; a fused
+    ``add(alpha=)`` would round once and move θ' (and the BatchNorm statistics of the memory forward) by an ulp.
+    First order keeps ``−α·g`` out of the graph, so the backward of L_Ret reaches θ through the add alone: the
+    identity, with no Hessian term and no separate gradient buffers to sum. The add is in place on ``−α·g``: the
+    out-of-place ``_foreach_add`` would save ``−α·g`` for its backward, a parameter-sized copy held until the end.
+    """
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     with torch.set_grad_enabled(second_order):
-        # θ + (−α·g) with two roundings, as higher's SGD computes it, so both backends agree bit for bit.
-        fast = torch._foreach_add(params, torch._foreach_mul(g_or_zero, -alpha))
-    if not second_order:
-        fast = [t.requires_grad_() for t in fast]  # fresh leaves: θ' is a constant of θ
-    l_ret = retain(_FunctionalModel(module, dict(zip(names, fast))))
-    ret_grads = torch.autograd.grad(l_ret, params if second_order else fast, allow_unused=True)
-    return l_acq, l_ret, _add_grads(_detached(g_acq), list(ret_grads))
+        fast = list(torch._foreach_mul(grads, -alpha))
+    torch._foreach_add_(fast, params)
+    return fast
+
+
+class _StudentState:
+    """What every step needs from one student and can be built once.
+
+    The parameters in ``module.parameters()`` order (higher's order of fast weights), the trainable ones and their
+    names, and (backend higher) higher's patched module with its submodules paired to the student's. ``matches``
+    compares, by identity, every module, parameter (and its ``requires_grad``) and buffer of the student with those
+    seen when this was built, so anything replaced (``load_state_dict(..., assign=True)``, ``.to(dtype)`` on buffers,
+    a swapped submodule, a frozen parameter) makes the caller build a new one: a gradient can never be computed for
+    tensors the student no longer holds.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.signature = _signature(module)
+        named = list(module.named_parameters())
+        self.params = [p for _, p in named]
+        self._trainable_index = [i for i, (_, p) in enumerate(named) if p.requires_grad]
+        self.trainable = [self.params[i] for i in self._trainable_index]
+        self.trainable_names = [named[i][0] for i in self._trainable_index]
+        self.fmodel: nn.Module | None = None
+        self.module_pairs: list[tuple[nn.Module, nn.Module]] = []
+
+    def matches(self, module: nn.Module) -> bool:
+        if module is not self.module:
+            return False
+        signature = _signature(module)
+        return len(signature) == len(self.signature) and all(a is b for a, b in zip(signature, self.signature))
+
+    def all_with_trainable(self, trainable: list[torch.Tensor]) -> list[torch.Tensor]:
+        """All parameters, the trainable ones replaced by ``trainable`` (the frozen ones stay where they are)."""
+        if len(trainable) == len(self.params):
+            return trainable
+        full = list(self.params)
+        for i, tensor in zip(self._trainable_index, trainable):
+            full[i] = tensor
+        return full
+
+    def sync_patched(self) -> None:
+        """Builds higher's patched module on first use; afterwards re-copies the student's plain attributes into it.
+
+        higher copies each submodule's ``__dict__`` (``training``, BatchNorm ``momentum``, ...) once; the student may
+        have changed them since (``.eval()``), so they are copied again before every step.
+        """
+        if self.fmodel is None:
+            self._patch()
+            return
+        for sub, fsub in self.module_pairs:
+            fsub.__dict__.update({k: v for k, v in sub.__dict__.items() if k not in _NOT_COPIED_BY_HIGHER})
+
+    def _patch(self) -> None:
+        module = self.module
+        # copy_initial_weights=False: the fast weights must stay functions of θ (the published defect, see above).
+        # track_higher_grads=False: the module only holds the fast weights it is handed (the inner step itself keeps
+        # or drops the graph); with True, higher appends every set it is handed to a list the cache would keep.
+        fmodel = higher.monkeypatch(module, copy_initial_weights=False, track_higher_grads=False)
+        fmodules = dict(fmodel.named_modules(remove_duplicate=False))
+        self.module_pairs = [(sub, fmodules[name]) for name, sub in module.named_modules(remove_duplicate=False)]
+        for sub, fsub in self.module_pairs:
+            # The student's own buffers, not higher's copies: BatchNorm statistics are updated in place on the student.
+            fsub._buffers.update(sub._buffers)
+        fmodel.update_params(self.params)
+        self.fmodel = fmodel
+
+
+#: The ``nn.Module`` attributes higher's patch gives each patched submodule its own of (higher.patch._internal_attrs).
+_NOT_COPIED_BY_HIGHER = frozenset({
+    '_backend', '_parameters', '_buffers', '_backward_hooks', '_forward_hooks', '_forward_pre_hooks',
+    '_state_dict_hooks', '_load_state_dict_pre_hooks', '_modules'})
+
+
+def _signature(module: nn.Module) -> list[Any]:
+    """Every submodule, parameter, parameter ``requires_grad`` flag and buffer of ``module``, in a fixed order."""
+    signature: list[Any] = []
+    for sub in module.modules():
+        signature.append(sub)
+        for p in sub._parameters.values():
+            signature += (p, None if p is None else p.requires_grad)
+        signature += sub._buffers.values()
+    return signature
 
 
 class _FunctionalModel:
@@ -199,71 +311,31 @@ class _FunctionalModel:
 
 
 @contextmanager
-def _mirrored_forward_hooks(module: nn.Module, fmodel: nn.Module) -> Iterator[None]:
-    """Re-registers ``module``'s forward (pre-)hooks on the same-named ``fmodel`` submodules while active.
+def _mirrored_forward_hooks(module_pairs: Sequence[tuple[nn.Module, nn.Module]]) -> Iterator[None]:
+    """Re-registers each student submodule's forward (pre-)hooks on its patched twin while active.
 
     higher's patched submodules start with empty hook dicts, so e.g. torchdistill's io_dict hooks would stay silent.
     """
-    fmodules = dict(fmodel.named_modules(remove_duplicate=False))
     handles = []
     try:
-        for name, sub in module.named_modules(remove_duplicate=False):
-            target = fmodules[name]
-            pre_kwargs = getattr(sub, '_forward_pre_hooks_with_kwargs', {})
-            for hook_id, hook in list(sub._forward_pre_hooks.items()):
-                handles.append(target.register_forward_pre_hook(hook, with_kwargs=hook_id in pre_kwargs))
-            with_kwargs = getattr(sub, '_forward_hooks_with_kwargs', {})
-            always = getattr(sub, '_forward_hooks_always_called', {})
-            for hook_id, hook in list(sub._forward_hooks.items()):
-                handles.append(target.register_forward_hook(
-                    hook, with_kwargs=hook_id in with_kwargs, always_call=hook_id in always))
+        for sub, target in module_pairs:
+            if sub._forward_pre_hooks:
+                pre_kwargs = getattr(sub, '_forward_pre_hooks_with_kwargs', {})
+                for hook_id, hook in list(sub._forward_pre_hooks.items()):
+                    handles.append(target.register_forward_pre_hook(hook, with_kwargs=hook_id in pre_kwargs))
+            if sub._forward_hooks:
+                with_kwargs = getattr(sub, '_forward_hooks_with_kwargs', {})
+                always = getattr(sub, '_forward_hooks_always_called', {})
+                for hook_id, hook in list(sub._forward_hooks.items()):
+                    handles.append(target.register_forward_hook(
+                        hook, with_kwargs=hook_id in with_kwargs, always_call=hook_id in always))
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-@torch.no_grad()
-def _copy_buffers_back(fmodel: nn.Module, module: nn.Module) -> None:
-    """Copies ``fmodel``'s buffers into ``module``'s same-named buffers, in place."""
-    fbuffers = dict(fmodel.named_buffers())
-    pairs = [(b, fbuffers[name]) for name, b in module.named_buffers() if name in fbuffers]
-    if pairs:
-        dst, src = zip(*pairs)
-        torch._foreach_copy_(list(dst), list(src))
-
-
 def _unwrap(student: nn.Module) -> nn.Module:
     if isinstance(student, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         return student.module
     return student
-
-
-def _trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-
-
-def _detached(grads: Sequence[torch.Tensor | None]) -> Grads:
-    return [None if g is None else g.detach() for g in grads]
-
-
-def _add_grads(a: Grads, b: Grads) -> Grads:
-    """Element-wise a + b where ``None`` counts as zero; stays ``None`` only where both are."""
-    out = [x if y is None else y if x is None else None for x, y in zip(a, b)]
-    both = [i for i, (x, y) in enumerate(zip(a, b)) if x is not None and y is not None]
-    if both:
-        for i, s in zip(both, torch._foreach_add([a[i] for i in both], [b[i] for i in both])):
-            out[i] = s
-    return out
-
-
-@torch.no_grad()
-def _accumulate_grads(params: Sequence[nn.Parameter], grads: Grads) -> None:
-    """Adds ``grads`` into ``.grad`` like ``.backward()``: accumulate where present, create where ``None``."""
-    present = [(p.grad, g) for p, g in zip(params, grads) if g is not None and p.grad is not None]
-    if present:
-        dst, src = zip(*present)
-        torch._foreach_add_(list(dst), list(src))
-    for p, g in zip(params, grads):
-        if g is not None and p.grad is None:
-            p.grad = g

@@ -119,3 +119,121 @@ def test_generator_terms_combine_in_torchdistill_weighted_sum():
     total = criterion({'student': io(STUDENT), 'teacher': io(TEACHER)}, {}, None)
     expected = 2.0 * (-7 / 6) + 0.5 * loss('OneHotLoss')(io(STUDENT), io(TEACHER)).item()
     assert total.item() == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------------------------- AdversarialLoss kl / js
+# One row, two classes: teacher p = [1/4, 3/4] (logits [0, ln 3]), student q = [1/2, 1/2] (logits [0, 0]).
+P, Q, M = (0.25, 0.75), (0.5, 0.5), (0.375, 0.625)
+KL_PQ = sum(p * math.log(p / q) for p, q in zip(P, Q))
+JS_PQ = 0.5 * sum(p * math.log(p / m) for p, m in zip(P, M)) + 0.5 * sum(q * math.log(q / m) for q, m in zip(Q, M))
+
+
+def two_class(temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher logits whose softmax at ``temperature`` is Q and P."""
+    return torch.zeros(1, 2), torch.tensor([[0.0, temperature * math.log(3.0)]])
+
+
+@pytest.mark.parametrize('temperature', [1.0, 2.0])
+def test_adversarial_kl_is_minus_t_squared_kl_teacher_to_student(temperature):
+    student, teacher = two_class(temperature)
+    value = loss('AdversarialLoss', kind='kl', temperature=temperature)(io(student), io(teacher))
+    assert value.item() == pytest.approx(-temperature ** 2 * KL_PQ, rel=1e-5)
+    kl_qp = sum(q * math.log(q / p) for p, q in zip(P, Q))  # the other direction differs: the test tells them apart
+    assert abs(kl_qp - KL_PQ) > 1e-2
+
+
+def test_adversarial_kl_averages_rows_and_reaches_both_sides():
+    student, teacher = two_class(1.0)
+    student = torch.cat([student, torch.zeros(1, 2)]).requires_grad_()  # a second row with KL 0
+    teacher = torch.cat([teacher, torch.zeros(1, 2)]).requires_grad_()
+    value = loss('AdversarialLoss', kind='kl')(io(student), io(teacher))
+    assert value.item() == pytest.approx(-KL_PQ / 2, rel=1e-5)
+    value.backward()
+    assert teacher.grad.abs().sum() > 0 and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('temperature', [1.0, 3.0])
+def test_adversarial_js_is_minus_jensen_shannon_at_temperature(temperature):
+    student, teacher = two_class(temperature)
+    value = loss('AdversarialLoss', kind='js', temperature=temperature)(io(student), io(teacher))
+    assert value.item() == pytest.approx(-JS_PQ, rel=1e-5)
+    swapped = loss('AdversarialLoss', kind='js', temperature=temperature)(io(teacher), io(student))
+    assert swapped.item() == pytest.approx(value.item(), rel=1e-5)  # symmetric, unlike KL
+
+
+@pytest.mark.parametrize('clamp, q_logs', [
+    ((1e-7, 1.0), (math.log(1e-7), 0.0)),
+    ((0.01, 0.99), (math.log(0.01), math.log(0.99))),  # the released PRE-DFKD/LRWA range
+])
+def test_adversarial_js_clamps_probabilities_before_the_logs(clamp, q_logs):
+    # The student's softmax underflows to exactly [0, 1] in float32: without the clamp, 0 * log 0 = nan.
+    student = torch.tensor([[0.0, 200.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, math.log(3.0)]], requires_grad=True)
+    q = student.softmax(dim=1)
+    assert q[0, 0].item() == 0.0
+    naive_m = 0.5 * (q + teacher.softmax(dim=1))
+    assert torch.isnan((q * (q.log() - naive_m.log())).sum())
+    value = loss('AdversarialLoss', kind='js', clamp=list(clamp))(io(student), io(teacher))
+    m = (0.125, 0.875)  # (p + q)/2, inside both clamp ranges
+    p_logs = tuple(math.log(min(max(v, clamp[0]), clamp[1])) for v in P)
+    expected = 0.5 * sum(p * (lp - math.log(mv)) for p, lp, mv in zip(P, p_logs, m)) \
+        + 0.5 * (0.0 * (q_logs[0] - math.log(m[0])) + 1.0 * (q_logs[1] - math.log(m[1])))
+    assert value.item() == pytest.approx(-expected, rel=1e-5)
+    value.backward()
+    assert torch.isfinite(student.grad).all() and torch.isfinite(teacher.grad).all()
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    ({'kind': 'kl', 'temperature': 0.0}, 'temperature'),
+    ({'kind': 'js', 'clamp': [0.0, 1.0]}, 'clamp'),
+    ({'kind': 'js', 'clamp': [0.5, 0.1]}, 'clamp'),
+])
+def test_adversarial_rejects_bad_temperature_and_clamp(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        loss('AdversarialLoss', **kwargs)
+
+
+# --------------------------------------------------------------------------------------- ActivationNormLoss
+def test_activation_norm_is_minus_mean_absolute_feature():
+    features = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    value = loss('ActivationNormLoss')(io(STUDENT), {'fc': {'input': features}})
+    assert value.item() == pytest.approx(-(1 + 2 + 3 + 0) / 4)
+
+
+def test_activation_norm_reads_torchdistill_forward_hook_on_fc_input():
+    from torchdistill.core.forward_hook import ForwardHookManager
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.add_module('body', nn.Linear(3, 4))
+    net.add_module('fc', nn.Linear(4, 2))
+    x = torch.randn(5, 3, requires_grad=True)
+    manager = ForwardHookManager(torch.device('cpu'))
+    manager.add_hook(net, 'fc', requires_input=True, requires_output=False)
+    net(x)
+    value = loss('ActivationNormLoss', teacher_module_path='fc', teacher_module_io='input')(
+        io(STUDENT), manager.pop_io_dict())
+    assert value.item() == pytest.approx(-net.body(x).abs().mean().item(), rel=1e-6)
+    value.backward()  # the generator reaches x through the hooked features
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_activation_norm_without_the_hook_says_how_to_add_it():
+    with pytest.raises(KeyError, match=r"forward_hook: \{input: \['fc'\]\} under train.teacher"):
+        loss('ActivationNormLoss')(io(STUDENT), io(TEACHER))
+
+
+# ----------------------------------------------------------------------------- every term from its YAML block
+@pytest.mark.parametrize('key, kwargs, student, teacher_io, expected', [
+    ('AdversarialLoss', {'kind': 'l1'}, STUDENT, io(TEACHER), -7 / 6),
+    ('AdversarialLoss', {'kind': 'kl', 'temperature': 2.0}, torch.zeros(1, 2), io(two_class(2.0)[1]), -4 * KL_PQ),
+    ('AdversarialLoss', {'kind': 'js', 'temperature': 3.0}, torch.zeros(1, 2), io(two_class(3.0)[1]), -JS_PQ),
+    ('OneHotLoss', {}, STUDENT, io(torch.tensor([[2.0, 0.0]])), math.log(1 + math.exp(-2.0))),
+    ('InformationEntropyLoss', {}, STUDENT, io(torch.tensor([[50.0, 0.0], [0.0, 50.0]])), -math.log(2)),
+    ('ActivationNormLoss', {'teacher_module_path': 'fc', 'teacher_module_io': 'input'}, STUDENT,
+     {'fc': {'input': torch.tensor([[-2.0, 4.0]])}}, -3.0),
+])
+def test_each_generator_term_in_a_weighted_sum_from_yaml(key, kwargs, student, teacher_io, expected):
+    criterion = get_high_level_loss({'key': 'WeightedSumLoss', 'kwargs': {'sub_terms': {
+        'term': {'criterion': {'key': key, 'kwargs': kwargs}, 'weight': 0.5}}}})
+    total = criterion({'student': io(student), 'teacher': teacher_io}, {}, None)
+    assert total.item() == pytest.approx(0.5 * expected, rel=1e-5, abs=1e-6)

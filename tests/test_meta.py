@@ -335,3 +335,94 @@ def test_data_parallel_student(backend: str) -> None:
     acquire, retain = closures(d)
     retain_while_acquire(wrapped, acquire, retain, alpha=ALPHA, backend=backend)
     assert_grads_close(grads_of(net), g_plain, rtol=1e-12)
+
+
+# 7. what a RetainWhileAcquire builds once per student is reused, and rebuilt whenever the student changes
+
+
+def count_patches(monkeypatch) -> list[int]:
+    """Counts the patched modules higher builds (higher.monkeypatch calls) from now on."""
+    calls: list[int] = []
+    original = higher.monkeypatch
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(higher, 'monkeypatch', counting)
+    return calls
+
+
+@pytest.mark.parametrize('backend', ['higher', 'functional'])
+def test_cached_state_is_reused_across_calls(backend: str, monkeypatch) -> None:
+    _, g_once = run(backend, 'second')
+    patches = count_patches(monkeypatch)
+    net, d = make_net(), make_data()
+    meta = RetainWhileAcquire(ALPHA, backend=backend)
+    meta(net, *closures(d))
+    state = meta._state
+    assert_grads_close(grads_of(net), g_once, rtol=0)  # bit for bit a fresh instance's
+    meta(net, *closures(d))
+    assert meta._state is state and len(patches) == (1 if backend == 'higher' else 0)
+    assert_grads_close(grads_of(net), [2 * g for g in g_once], rtol=1e-12)
+    if backend == 'higher':
+        # between calls the patched module holds θ itself, so it keeps neither θ' nor the graph behind it alive
+        params = list(state.fmodel.parameters())
+        assert len(params) == 10 and all(a is b for a, b in zip(params, net.parameters()))
+        assert state.fmodel[3].weight is net[3].weight and state.fmodel[8].bias is net[8].bias
+
+    # attributes the student changes between calls (train/eval) reach the cached patched module too
+    net.eval()
+    ref = copy.deepcopy(net).eval()
+    net.zero_grad(set_to_none=True)
+    meta(net, *closures(d))
+    RetainWhileAcquire(ALPHA, backend=backend)(ref, *closures(d))
+    assert meta._state is state and len(patches) == (2 if backend == 'higher' else 0)  # one build for ref
+    assert_grads_close(grads_of(net), grads_of(ref), rtol=0)
+    assert_same_buffers(net, ref)
+    assert ref[1].num_batches_tracked.item() == 4  # eval mode left the statistics of the two calls in train mode
+
+
+@pytest.mark.parametrize('backend', ['higher', 'functional'])
+def test_cached_state_is_rebuilt_when_the_student_changes(backend: str) -> None:
+    net, d = make_net(), make_data()
+    meta = RetainWhileAcquire(ALPHA, backend=backend)
+    meta(net, *closures(d))
+    state, old_params = meta._state, list(net.parameters())
+    for p in old_params:
+        p.grad = None
+
+    # new parameter and buffer tensors: the gradient must reach them, and the statistics must move on them
+    net.load_state_dict(make_net(seed=3).state_dict(), assign=True)
+    assert not any(a is b for a, b in zip(net.parameters(), old_params))
+    ref = make_net(seed=3)
+    meta(net, *closures(d))
+    RetainWhileAcquire(ALPHA, backend=backend)(ref, *closures(d))
+    assert meta._state is not state
+    assert all(p.grad is None for p in old_params)
+    assert_grads_close(grads_of(net), grads_of(ref), rtol=0)
+    assert_same_buffers(net, ref)
+
+    # .to(dtype) keeps the Parameter objects but replaces the buffers
+    state = meta._state
+    d32 = {k: v.float() for k, v in d.items()}
+    for model in (net, ref):
+        model.zero_grad(set_to_none=True)
+        model.to(torch.float32)
+    meta(net, *closures(d32))
+    RetainWhileAcquire(ALPHA, backend=backend)(ref, *closures(d32))
+    assert meta._state is not state
+    assert all(p.grad.dtype == torch.float32 for p in net.parameters())
+    assert_grads_close(grads_of(net), grads_of(ref), rtol=0)
+    assert_same_buffers(net, ref)
+
+    # freezing a parameter changes the trainable set
+    state = meta._state
+    for model in (net, ref):
+        model.zero_grad(set_to_none=True)
+        model[0].weight.requires_grad_(False)
+    meta(net, *closures(d32))
+    RetainWhileAcquire(ALPHA, backend=backend)(ref, *closures(d32))
+    assert meta._state is not state and net[0].weight.grad is None
+    assert_grads_close([p.grad for p in list(net.parameters())[1:]], [p.grad for p in list(ref.parameters())[1:]],
+                       rtol=0)

@@ -58,3 +58,18 @@ def test_meta_is_only_for_lrwa_and_unknown_strategies_list_the_known_ones():
         get_strategy('mb_dfkd', meta={'alpha': 0.5})
     with pytest.raises(ValueError, match='dfad, lrwa, mb_dfkd'):
         get_strategy('lrwa2')
+
+
+def test_pre_dfkd_is_the_joint_gradient_and_each_strategy_names_its_replay_memories():
+    net, acquire, retain = setup()
+    losses = get_strategy('pre_dfkd').backward(net, acquire, retain)
+    g = grads(net)
+    net.zero_grad()
+    (acquire(net) + retain(net)).backward()
+    assert torch.allclose(g, grads(net)) and set(losses) == {'acq', 'ret'}
+    kinds = {key: get_strategy(key, **({'meta': {'alpha': 0.5}} if key == 'lrwa' else {})).replay_kinds
+             for key in ('dfad', 'mb_dfkd', 'pre_dfkd', 'lrwa')}
+    assert kinds == {'dfad': (), 'mb_dfkd': ('MemoryBank',), 'pre_dfkd': ('GenerativeReplay',),
+                     'lrwa': ('MemoryBank', 'GenerativeReplay')}
+    from lrwa_plugin.registry import REPLAY_DICT
+    assert all(kind in REPLAY_DICT for kind_list in kinds.values() for kind in kind_list)

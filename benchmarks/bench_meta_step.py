@@ -1,0 +1,250 @@
+"""Speed and memory of one student step: the retain-while-acquire step against a plain step and the released code.
+
+Variants, each a whole student step (``zero_grad`` + gradient + ``SGD.step``) on its own copy of the same student
+(a timm model built with ``pretrained=False``), on the same batches: an acquisition batch ``x`` (64 by default) and a
+memory batch ``x_m`` (8), with fixed random "teacher logits" as targets and the L1 loss on logits:
+
+* ``plain``: the MB-DFKD joint step ``∇[L_Acq(θ) + L_Ret(θ)]``: two forwards, one backward of the sum.
+* ``released``: a REPRODUCTION OF THE DEFECT in the paper's released step (``distill_knowledge_meta7`` of
+  github.com/gaurav104/LRA): ``higher.innerloop_ctx`` with its default ``copy_initial_weights=True``, an inner step
+  on L1 of the patched model, the memory loss on the patched model, plus a separate student forward on
+  ``cat(x, x_m)``, backward of the sum. It pays for the second-order work, but the retention gradient only reaches
+  the detached copies, never the student. It lives here only, as a timing reference.
+* ``lrwa_higher``, ``lrwa_functional``: :class:`lrwa_plugin.meta.RetainWhileAcquire`, second order, each backend.
+* ``lrwa_first``: the same, ``order='first'``, backend ``higher``.
+
+The variants run interleaved (one step of each, in an order rotated every round, then again) after a warm-up, so
+that a change in the machine's load hits all of them alike; each is reported as the median over the rounds and as
+a ratio to ``plain`` measured in this run, in wall time and in this process's CPU time (with one thread, the CPU time
+is the work done, much less disturbed by other jobs on the machine than the wall time). Nothing is asserted on
+timings.
+
+Memory: the peak of the tensor memory the step allocates, over what was allocated before it (model, optimizer state,
+batches, gradients released by ``zero_grad(set_to_none=True)`` just before). It is measured by
+``torch.profiler.profile(profile_memory=True)``, whose allocation and free events come from torch's CPU allocator
+itself (every tensor byte, nothing else): one extra step per variant, after the timed ones, and the running sum of
+its events' bytes in time order. (``tracemalloc`` would not see these allocations, and the process RSS mixes them
+with the allocator's and the libraries' own pages.)
+
+    python benchmarks/bench_meta_step.py                     # resnet18, 64 + 8 samples of 3x32x32, 20 rounds
+    python benchmarks/bench_meta_step.py --threads 1 --json  # one JSON object on stdout
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+os.environ.setdefault('TORCH_CPP_LOG_LEVEL', 'ERROR')  # the profiler warns about frees of pre-existing tensors
+
+import higher  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from lrwa_plugin.meta import RetainWhileAcquire  # noqa: E402
+
+VARIANTS = ('plain', 'released', 'lrwa_higher', 'lrwa_functional', 'lrwa_first')
+DESCRIPTIONS = {
+    'plain': 'joint step ∇[L_Acq(θ) + L_Ret(θ)] (mb_dfkd)',
+    'released': "paper's released step (copy_initial_weights=True: L_Ret never reaches the student)",
+    'lrwa_higher': 'lrwa, second order, backend higher',
+    'lrwa_functional': 'lrwa, second order, backend functional',
+    'lrwa_first': 'lrwa, first order, backend higher',
+}
+Step = Callable[[], None]
+
+
+def get_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--model', default='resnet18', help='timm model name of the student')
+    parser.add_argument('--num_classes', type=int, default=10)
+    parser.add_argument('--img_size', type=int, default=32)
+    parser.add_argument('--acq_batch', type=int, default=64, help='acquisition (generated) batch size')
+    parser.add_argument('--mem_batch', type=int, default=8, help='memory (replay) batch size')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch intra-op threads (1 by default: on a shared, loaded machine two threads spin)')
+    parser.add_argument('--steps', type=int, default=20, help='timed rounds (one step of every variant each)')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed rounds first')
+    parser.add_argument('--alpha', type=float, default=0.9, help='inner step size α')
+    parser.add_argument('--lr', type=float, default=0.01, help="student optimizer's learning rate")
+    parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument('--no_memory', action='store_true', help='skip the memory measurement')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
+    return parser
+
+
+def released_step(student: nn.Module, optimizer: torch.optim.Optimizer, batches: dict[str, torch.Tensor],
+                  alpha: float) -> Step:
+    """REPRODUCTION OF A DEFECT, for timing only: the step of the paper's released code (see the module docstring).
+
+    ``higher.innerloop_ctx`` is called with its default ``copy_initial_weights=True``, as the released code does, so
+    the fast weights start from detached copies and the memory loss on the patched model sends no gradient to the
+    student. Never use this pattern for training; lrwa_plugin.meta is the correct step.
+    """
+    x, t, x_m, t_m = batches['x'], batches['t'], batches['x_m'], batches['t_m']
+    x_cat, t_cat = torch.cat([x, x_m]), torch.cat([t, t_m])
+    inner_optimizer = torch.optim.SGD(student.parameters(), lr=alpha, momentum=0.9, weight_decay=5e-4)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        inner_optimizer.zero_grad(set_to_none=True)
+        with higher.innerloop_ctx(student, inner_optimizer) as (fmodel, diffopt):  # the defect: default copy
+            diffopt.step(F.l1_loss(fmodel(x), t))
+            outer_loss = F.l1_loss(fmodel(x_m), t_m)
+            joint_loss = F.l1_loss(student(x_cat), t_cat)
+            (outer_loss + joint_loss).backward()
+        optimizer.step()
+    return step
+
+
+def make_step(variant: str, student: nn.Module, optimizer: torch.optim.Optimizer, batches: dict[str, torch.Tensor],
+              alpha: float) -> Step:
+    x, t, x_m, t_m = batches['x'], batches['t'], batches['x_m'], batches['t_m']
+    if variant == 'released':
+        return released_step(student, optimizer, batches, alpha)
+    if variant == 'plain':
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            (F.l1_loss(student(x), t) + F.l1_loss(student(x_m), t_m)).backward()
+            optimizer.step()
+        return step
+    backend = 'functional' if variant == 'lrwa_functional' else 'higher'
+    meta = RetainWhileAcquire(alpha, backend=backend, order='first' if variant == 'lrwa_first' else 'second')
+
+    def acquire(model: Callable[..., torch.Tensor]) -> torch.Tensor:
+        return F.l1_loss(model(x), t)
+
+    def retain(model: Callable[..., torch.Tensor]) -> torch.Tensor:
+        return F.l1_loss(model(x_m), t_m)
+
+    def meta_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        meta(student, acquire, retain)
+        optimizer.step()
+    return meta_step
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silences the C++ profiler's start/stop chatter on file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, 'w') as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_step_bytes(step: Step, optimizer: torch.optim.Optimizer) -> int:
+    """Peak tensor bytes allocated by one ``step`` over those held before it (see the module docstring)."""
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == '[memory]' and e.device_type() == DeviceType.CPU)
+    running = peak = 0
+    for _, nbytes in events:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def gradient_agreement(student: nn.Module, batches: dict[str, torch.Tensor], alpha: float) -> float:
+    """Relative difference between the second-order gradients of the two backends, on one copy of the student."""
+    grads = []
+    for backend in ('higher', 'functional'):
+        model = copy.deepcopy(student)
+        RetainWhileAcquire(alpha, backend=backend)(model, lambda m: F.l1_loss(m(batches['x']), batches['t']),
+                                                   lambda m: F.l1_loss(m(batches['x_m']), batches['t_m']))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return float((grads[0] - grads[1]).norm() / grads[1].norm())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_argparser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    student = timm.create_model(args.model, pretrained=False, num_classes=args.num_classes).train()
+    shape = (3, args.img_size, args.img_size)
+    batches = {'x': torch.randn(args.acq_batch, *shape), 't': torch.randn(args.acq_batch, args.num_classes),
+               'x_m': torch.randn(args.mem_batch, *shape), 't_m': torch.randn(args.mem_batch, args.num_classes)}
+    agreement = gradient_agreement(student, batches, args.alpha)
+
+    steps, optimizers = {}, {}
+    for variant in args.variants:
+        model = copy.deepcopy(student)
+        optimizers[variant] = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+        steps[variant] = make_step(variant, model, optimizers[variant], batches, args.alpha)
+
+    times: dict[str, list[float]] = {variant: [] for variant in args.variants}
+    cpu_times: dict[str, list[float]] = {variant: [] for variant in args.variants}
+    order = list(args.variants)
+    for round_index in range(args.warmup + args.steps):
+        for variant in order:
+            gc.collect()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            steps[variant]()
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            if round_index >= args.warmup:
+                times[variant].append(elapsed)
+                cpu_times[variant].append(elapsed_cpu)
+        order = order[1:] + order[:1]
+
+    peaks = {} if args.no_memory else {v: peak_step_bytes(steps[v], optimizers[v]) for v in args.variants}
+    medians = {v: statistics.median(times[v]) for v in args.variants}
+    cpu = {v: statistics.median(cpu_times[v]) for v in args.variants}
+    base = 'plain' if 'plain' in medians else args.variants[0]
+    result = {
+        'variants': {v: {'median_s': medians[v], 'ratio_to_' + base: medians[v] / medians[base],
+                         'median_cpu_s': cpu[v], 'cpu_ratio_to_' + base: cpu[v] / cpu[base],
+                         'peak_bytes': peaks.get(v),
+                         'peak_ratio_to_' + base: peaks[v] / peaks[base] if peaks else None,
+                         'times_s': times[v], 'cpu_times_s': cpu_times[v], 'description': DESCRIPTIONS[v]}
+                     for v in args.variants},
+        'settings': {'model': args.model, 'num_classes': args.num_classes, 'input': list(shape),
+                     'acq_batch': args.acq_batch, 'mem_batch': args.mem_batch, 'alpha': args.alpha,
+                     'threads': torch.get_num_threads(), 'steps': args.steps, 'warmup': args.warmup,
+                     'torch': torch.__version__, 'higher': getattr(higher, '__version__', 'unknown'),
+                     'memory_tool': 'torch.profiler profile_memory=True (CPU allocator events), peak over one step',
+                     'grad_rel_diff_higher_vs_functional': agreement},
+    }
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f'{args.model} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters), acquisition '
+          f'{args.acq_batch} + memory {args.mem_batch} samples of {"x".join(map(str, shape))}, '
+          f'{torch.get_num_threads()} thread(s), median of {args.steps} interleaved rounds after {args.warmup} '
+          f'warm-up; torch {torch.__version__}')
+    print(f'{"variant":<16} {"wall ms":>8} {"× " + base:>7} {"CPU ms":>8} {"× " + base:>7} {"peak MiB":>8} '
+          f'{"× " + base:>7}  what')
+    for v in args.variants:
+        peak = '' if not peaks else f'{peaks[v] / 2**20:8.1f} {peaks[v] / peaks[base]:7.2f}'
+        print(f'{v:<16} {medians[v] * 1e3:8.1f} {medians[v] / medians[base]:7.2f} {cpu[v] * 1e3:8.1f} '
+              f'{cpu[v] / cpu[base]:7.2f} {peak:>16}  {DESCRIPTIONS[v]}')
+    print('wall: perf_counter; CPU: process_time (this process only: steadier than wall time on a shared machine)')
+    if peaks:
+        print('peak: tensor bytes allocated during one step over those held before it (torch.profiler, '
+              'profile_memory)')
+    print(f'second-order gradients, higher vs functional: relative difference {agreement:.1e}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
