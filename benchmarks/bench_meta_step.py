@@ -27,7 +27,8 @@ its events' bytes in time order. (``tracemalloc`` would not see these allocation
 with the allocator's and the libraries' own pages.)
 
     python benchmarks/bench_meta_step.py                     # resnet18, 64 + 8 samples of 3x32x32, 20 rounds
-    python benchmarks/bench_meta_step.py --threads 1 --json  # one JSON object on stdout
+    python benchmarks/bench_meta_step.py --ops               # and where the time goes, by convolution kernel
+    python benchmarks/bench_meta_step.py --threads 2 --json  # one JSON object on stdout
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument('--lr', type=float, default=0.01, help="student optimizer's learning rate")
     parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument('--no_memory', action='store_true', help='skip the memory measurement')
+    parser.add_argument('--ops', action='store_true',
+                        help='also profile one step per variant: calls and CPU time of the convolution kernels')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
     return parser
@@ -165,6 +168,26 @@ def peak_step_bytes(step: Step, optimizer: torch.optim.Optimizer) -> int:
     return peak
 
 
+def op_breakdown(step: Step, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """One profiled step: calls and self CPU seconds of convolutions (forward kernels, also those run inside a
+    double backward), of convolution backward kernels, and of everything else."""
+    optimizer.zero_grad(set_to_none=True)
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    out = {'conv_calls': 0, 'conv_s': 0.0, 'conv_backward_calls': 0, 'conv_backward_s': 0.0, 'total_s': 0.0}
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        out['total_s'] += seconds
+        if event.key == 'aten::convolution_backward':
+            out['conv_backward_calls'] += event.count
+            out['conv_backward_s'] += seconds
+        elif 'convolution' in event.key:
+            out['conv_s'] += seconds
+            out['conv_calls'] += event.count if event.key == 'aten::_convolution' else 0
+    out['other_s'] = out['total_s'] - out['conv_s'] - out['conv_backward_s']
+    return out
+
+
 def gradient_agreement(student: nn.Module, batches: dict[str, torch.Tensor], alpha: float) -> float:
     """Relative difference between the second-order gradients of the two backends, on one copy of the student."""
     grads = []
@@ -208,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         order = order[1:] + order[:1]
 
     peaks = {} if args.no_memory else {v: peak_step_bytes(steps[v], optimizers[v]) for v in args.variants}
+    ops = {v: op_breakdown(steps[v], optimizers[v]) for v in args.variants} if args.ops else {}
     medians = {v: statistics.median(times[v]) for v in args.variants}
     cpu = {v: statistics.median(cpu_times[v]) for v in args.variants}
     base = 'plain' if 'plain' in medians else args.variants[0]
@@ -216,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                          'median_cpu_s': cpu[v], 'cpu_ratio_to_' + base: cpu[v] / cpu[base],
                          'peak_bytes': peaks.get(v),
                          'peak_ratio_to_' + base: peaks[v] / peaks[base] if peaks else None,
-                         'times_s': times[v], 'cpu_times_s': cpu_times[v], 'description': DESCRIPTIONS[v]}
+                         'times_s': times[v], 'cpu_times_s': cpu_times[v], 'description': DESCRIPTIONS[v],
+                         **({'ops': ops[v]} if ops else {})}
                      for v in args.variants},
         'settings': {'model': args.model, 'num_classes': args.num_classes, 'input': list(shape),
                      'acq_batch': args.acq_batch, 'mem_batch': args.mem_batch, 'alpha': args.alpha,
@@ -243,6 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         print('peak: tensor bytes allocated during one step over those held before it (torch.profiler, '
               'profile_memory)')
     print(f'second-order gradients, higher vs functional: relative difference {agreement:.1e}')
+    if ops:
+        print('\none profiled step (self CPU time):')
+        print(f'{"variant":<16} {"convs":>6} {"conv ms":>8} {"conv bwd":>9} {"bwd ms":>8} {"other ms":>9} '
+              f'{"total ms":>9}')
+        for v in args.variants:
+            o = ops[v]
+            print(f'{v:<16} {o["conv_calls"]:6d} {o["conv_s"] * 1e3:8.1f} {o["conv_backward_calls"]:9d} '
+                  f'{o["conv_backward_s"] * 1e3:8.1f} {o["other_s"] * 1e3:9.1f} {o["total_s"] * 1e3:9.1f}')
+        print('convs: convolution kernels run as such (forwards, and inside the double backward of a convolution); '
+              'conv bwd: convolution backward kernels (input and weight gradients)')
     return 0
 
 

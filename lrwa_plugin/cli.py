@@ -284,8 +284,9 @@ def run(config_path: str | os.PathLike, args: argparse.Namespace) -> dict[str, f
     if teacher is not None and not args.student_only:
         results['teacher_top1'] = evaluate(teacher, test_loader, device)
         logger.info(f"[Teacher: {teacher_config['key']}] test top-1 {results['teacher_top1']:.2f}%")
-    results['student_top1'] = evaluate(student, test_loader, device)
-    logger.info(f"[Student: {student_config['key']}] test top-1 {results['student_top1']:.2f}%")
+    role = 'student' if student_key == 'student_model' else 'model'
+    results[f'{role}_top1'] = evaluate(student, test_loader, device)
+    logger.info(f"[{role.capitalize()}: {student_config['key']}] test top-1 {results[f'{role}_top1']:.2f}%")
     return results
 
 

@@ -46,9 +46,9 @@ L_Ret(θ') then has no path back to θ: its gradient on the student is silently 
 effect on the update (the paper's released code has exactly this bug). This module always passes
 ``copy_initial_weights=False``, and the patched module runs the student's own parameters.
 
-Caveat: gradients are accumulated by ``torch.autograd.backward`` on the unwrapped module, not through a
-``DistributedDataParallel`` wrapper's forward, so its gradient all-reduce is not triggered; the caller must
-synchronise them.
+Caveat: gradients are accumulated by ``torch.autograd.backward`` (so ``.grad`` is formed, and gradient hooks fire, as
+with ``.backward()``), but the forwards run the unwrapped module, not a ``DistributedDataParallel`` wrapper, so DDP's
+gradient all-reduce is not prepared; the caller must synchronise the gradients.
 """
 from __future__ import annotations
 

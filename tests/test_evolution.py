@@ -57,7 +57,8 @@ def test_two_epoch_run_writes_evolution_json_sample_grids_and_tensorboard_events
 
 def test_compare_runs_configs_over_seeds_and_writes_the_three_files(work, capsys):
     configs = [write_config(DIGITS_CONFIGS / f'{name}.yaml', work / f'{name}.yaml',
-                            {**SHORT_RUN, 'iterations_per_epoch: 3': 'iterations_per_epoch: 1'})
+                            {**SHORT_RUN, 'iterations_per_epoch: 3': 'iterations_per_epoch: 1',
+                             'student_steps: 2': 'student_steps: 1'})
                for name in ('dfad', 'lrwa_mb')]
     out = work / 'cmp'
     argv = ['--configs', *map(str, configs), '--seeds', '0', '1', '--out', str(out)]

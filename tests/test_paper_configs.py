@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.error import URLError
 
@@ -87,12 +88,13 @@ def smoke_edits(key: str, name: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope='module')
-def memory_dir(tmp_path_factory) -> Path:
+def memory_dir(tmp_path_factory) -> Iterator[Path]:
     """Where the runs write: RAM (``/dev/shm``) when there is one, since every run saves a few hundred MB of student,
     optimizer and generator state with fsync, which only costs time here."""
     shm = Path('/dev/shm')
     if not (shm.is_dir() and os.access(shm, os.W_OK)):
-        return tmp_path_factory.mktemp('paper_runs')
+        yield tmp_path_factory.mktemp('paper_runs')
+        return
     with tempfile.TemporaryDirectory(prefix='lrwa_paper_configs_', dir=shm) as directory:
         yield Path(directory)
 
@@ -129,7 +131,7 @@ def strategy_calls(monkeypatch) -> list[tuple[str, bool]]:
 
     for cls in {cls for cls in STRATEGY_DICT.values() if 'backward' in vars(cls)}:  # subclasses inherit the spy
         monkeypatch.setattr(cls, 'backward', spying(vars(cls)['backward']))
-    # The per-epoch sample grids (tested in test_cli) cost more here than the two iterations: 32 generated and 32
+    # The per-epoch sample grids (tested in test_evolution) cost more here than the two iterations: 32 generated and 32
     # replayed samples through the ResNet-34 teacher, the VAE's latent refinement, matplotlib figures.
     monkeypatch.setattr('lrwa_plugin.cli._monitor_samples', lambda *args, **kwargs: None)
     return calls
