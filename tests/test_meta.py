@@ -380,7 +380,7 @@ def test_cached_state_is_reused_across_calls(backend: str, monkeypatch) -> None:
     assert meta._state is state and len(patches) == (2 if backend == 'higher' else 0)  # one build for ref
     assert_grads_close(grads_of(net), grads_of(ref), rtol=0)
     assert_same_buffers(net, ref)
-    assert ref[1].num_batches_tracked.item() == 4  # eval mode left the statistics of the two calls in train mode
+    assert ref[1].num_batches_tracked.item() == 4  # as the two train-mode calls left them: eval mode updates none
 
 
 @pytest.mark.parametrize('backend', ['higher', 'functional'])
