@@ -41,6 +41,7 @@ from torchdistill.common.main_util import import_dependencies
 from lrwa_plugin.box import DataFreeDistillationBox
 from lrwa_plugin.cli import load_model
 from lrwa_plugin.cli import main as cli_main
+from lrwa_plugin.distributed import World
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / 'examples' / 'configs' / 'digits'
@@ -86,15 +87,17 @@ def ensure_teacher(path: Path, train: bool) -> None:
         sys.exit(f'error: training the digits teacher failed; run `{command}` from the repository root')
 
 
-def build_box(config: dict, seed: int) -> DataFreeDistillationBox:
-    """A box as the runner builds it, its memory filled; ``config`` is not modified."""
+def build_box(config: dict, seed: int, world: World | None = None) -> DataFreeDistillationBox:
+    """A box as the runner builds it (``world``: this rank of a data-parallel run), its memory filled; ``config`` is
+    not modified."""
     config = copy.deepcopy(config)
     device = torch.device('cpu')
     torch.manual_seed(seed)
     models = config['models']
     teacher = load_model(models['teacher_model'], 'teacher_model', device, False)
     student = load_model(models['student_model'], 'student_model', device, False)
-    box = DataFreeDistillationBox(teacher, student, config.get('datasets', {}), config['train'], device, None, False)
+    box = DataFreeDistillationBox(teacher, student, config.get('datasets', {}), config['train'], device, None, False,
+                                  world=world)
     box.pre_epoch_process(epoch=0)
     if box.replay is not None:
         push_epoch = getattr(box.replay, 'push_every_epochs', 1) - 1  # an epoch after which a MemoryBank pushes

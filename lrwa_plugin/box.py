@@ -13,6 +13,11 @@ a strategy (``train.strategy``: dfad | mb_dfkd | pre_dfkd | lrwa). One iteration
 3. after every student step, the replay memory observes that step's batch (a ``MemoryBank`` pushes the epoch's last
    one, a ``GenerativeReplay`` trains its VAE on some of them).
 
+Under ``torchrun`` (``world``, :mod:`lrwa_plugin.distributed`) every backward is followed by a bucketed average of the
+gradients across ranks, and every iteration ends with rank 0's BatchNorm statistics broadcast to the others; each
+rank samples its own ``z`` and keeps its own replay memory. :meth:`state_dict` / :meth:`load_state_dict` carry what
+:mod:`lrwa_plugin.resume` needs to continue a run exactly.
+
 .. code-block:: yaml
 
     train:
@@ -48,6 +53,7 @@ from torchdistill.models.registry import get_model
 from torchdistill.optim.registry import get_optimizer, get_scheduler
 from tqdm import tqdm
 
+from .distributed import GradientAverager, World, broadcast_module_state
 from .losses import BN_STATS_PATH, TeacherBNStatistics
 from .models.generators import check_generator_fits_teacher
 from .registry import get_replay, get_strategy
@@ -73,7 +79,12 @@ class DataFreeDistillationBox(DistillationBox):
 
     def __init__(self, teacher_model: nn.Module, student_model: nn.Module, dataset_dict: dict,
                  train_config: dict, device: torch.device, device_ids: list[int] | None, distributed: bool,
-                 lr_factor: float = 1, accelerator: Any = None) -> None:
+                 lr_factor: float = 1, accelerator: Any = None, world: World | None = None) -> None:
+        # Data parallelism is the box's own (lrwa_plugin.distributed): torchdistill sees a single process, so it
+        # wraps nothing in DDP and its validation loader covers the whole split (evaluated on rank 0).
+        self.world = world or World()
+        _drop_wrappers(train_config)
+        distributed = False
         teacher_config = train_config.setdefault('teacher', {})
         if teacher_config.get('requires_grad', False):
             raise ValueError('train.teacher.requires_grad must be False: the teacher is frozen in data-free '
@@ -97,6 +108,10 @@ class DataFreeDistillationBox(DistillationBox):
         self.replay = self._build_replay(data_free.get('replay'))
         self.bn_statistics = TeacherBNStatistics(self._unwrapped(self.teacher_model))
         self.last_losses: dict[str, float] = {}
+        self.student_averager = GradientAverager(self.student_model.parameters(), self.world)
+        self.generator_averager = GradientAverager(self.generator.parameters(), self.world)
+        if self.replay is not None:
+            self.replay.seed_rank(self.world.rank)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _build_generator(self, generator_config: dict) -> None:
@@ -166,6 +181,7 @@ class DataFreeDistillationBox(DistillationBox):
         self.generator_optimizer.zero_grad(set_to_none=True)
         # inputs=: the student's parameters must not collect gradient from the generator's objective.
         loss.backward(inputs=list(self.generator.parameters()))
+        self.generator_averager()
         self._check_finite_gradient('generator', self.generator.parameters(), {'gen': loss})
         self.generator_optimizer.step()
         return float(loss.detach())
@@ -187,6 +203,7 @@ class DataFreeDistillationBox(DistillationBox):
         acquire = self._criterion_closure(x, teacher_io)
         retain = self._criterion_closure(x_m, teacher_io_m) if x_m is not None else None
         losses = self.strategy.backward(self.student_model, acquire, retain)
+        self.student_averager()
 
         def acquisition_terms() -> dict[str, float]:
             # At θ, as acquired; L_Ret of lrwa is taken at θ' and is only reported as its total.
@@ -262,6 +279,8 @@ class DataFreeDistillationBox(DistillationBox):
                 self.replay.observe(x, epoch, iteration, last_iteration and step == self.student_steps - 1)
         if self.replay is not None:
             losses.update(self.replay.log_values())
+        # BatchNorm statistics moved with each rank's own batches: rank 0's win, as under DDP.
+        broadcast_module_state([self.student_model, self.generator], self.world, buffers_only=True)
         self.last_losses = losses
         return losses
 
@@ -271,19 +290,21 @@ class DataFreeDistillationBox(DistillationBox):
         self.student_model.train()
 
     def train_one_epoch(self, epoch: int, progress: bool = True,
-                        on_iteration: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
-        """Runs ``iterations_per_epoch`` iterations with a progress bar; returns the last loss values.
+                        on_iteration: Callable[[int, int, dict[str, float]], None] | None = None,
+                        start_iteration: int = 0) -> dict[str, float]:
+        """Runs iterations ``start_iteration`` .. ``iterations_per_epoch - 1`` with a progress bar.
 
-        ``on_iteration(global_iteration, losses)`` is called after each iteration (e.g. for TensorBoard).
+        ``on_iteration(epoch, iteration, losses)`` is called after each iteration (TensorBoard, checkpoints).
+        Returns the last loss values (``{}`` when no iteration was left to run).
         """
-        bar = tqdm(range(self.iterations_per_epoch), desc=f'Epoch {epoch}', disable=not progress, leave=False,
-                   dynamic_ncols=True)
+        bar = tqdm(range(start_iteration, self.iterations_per_epoch), desc=f'Epoch {epoch}', disable=not progress,
+                   leave=False, dynamic_ncols=True, initial=start_iteration, total=self.iterations_per_epoch)
         losses: dict[str, float] = {}
         for iteration in bar:
             losses = self.train_iteration(epoch, iteration)
             bar.set_postfix({k: f'{v:.4g}' for k, v in losses.items()}, refresh=False)
             if on_iteration is not None:
-                on_iteration(epoch * self.iterations_per_epoch + iteration, losses)
+                on_iteration(epoch, iteration, losses)
         return losses
 
     @torch.no_grad()
@@ -306,6 +327,43 @@ class DataFreeDistillationBox(DistillationBox):
     def clean_modules(self) -> None:
         super().clean_modules()
         self.bn_statistics.remove()
+
+    # ------------------------------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        """What every rank shares: student, generator, their optimizers and schedulers, the step counter."""
+        def optional(obj: Any) -> Any:
+            return None if obj is None else obj.state_dict()
+        return {'student': self._unwrapped(self.student_model).state_dict(),
+                'generator': self.generator.state_dict(),
+                'optimizer': self.optimizer.state_dict(), 'lr_scheduler': optional(self.lr_scheduler),
+                'generator_optimizer': self.generator_optimizer.state_dict(),
+                'generator_scheduler': optional(self.generator_scheduler),
+                'stage_grad_count': self.stage_grad_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` (strict: every module, optimizer and scheduler must match)."""
+        self._unwrapped(self.student_model).load_state_dict(state['student'])
+        self.generator.load_state_dict(state['generator'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.generator_optimizer.load_state_dict(state['generator_optimizer'])
+        for name, scheduler in (('lr_scheduler', self.lr_scheduler), ('generator_scheduler', self.generator_scheduler)):
+            if (scheduler is None) != (state[name] is None):
+                raise ValueError(f'{name}: the checkpoint has {"none" if state[name] is None else "one"}, '
+                                 f'the config {"none" if scheduler is None else "one"}')
+            if scheduler is not None:
+                scheduler.load_state_dict(state[name])
+        self.stage_grad_count = int(state['stage_grad_count'])
+
+
+def _drop_wrappers(train_config: dict) -> None:
+    """Removes ``train.teacher/student.wrapper``: the data-free box runs the plain modules (see distributed.py)."""
+    for role in ('teacher', 'student'):
+        wrapper = train_config.get(role, {}).pop('wrapper', None)
+        if wrapper is not None:
+            key = wrapper.get('key') if isinstance(wrapper, dict) else wrapper
+            logger.warning(f"train.{role}.wrapper '{key}' is not used: data-free training runs the plain {role} "
+                           f"(higher and torch.func cannot go through a wrapper); under torchrun the box averages "
+                           f"gradients across ranks itself")
 
 
 def _format_values(values: dict[str, float]) -> str:

@@ -67,7 +67,7 @@ def _refused_globals(path: StrPath) -> list[str]:
     return [name for name in names if name != 'argparse.Namespace']
 
 
-def _describe_read_error(exc: BaseException, path: StrPath) -> str:
+def describe_read_error(exc: BaseException, path: StrPath) -> str:
     """Turns a (possibly multi-paragraph) loader exception into a short single-line reason."""
     if os.path.getsize(path) == 0:
         return 'the file is empty'
@@ -153,7 +153,7 @@ def load_state_dict_file(path: StrPath, what: str = 'checkpoint') -> dict[str, t
     try:
         raw = _read_file(path)
     except Exception as exc:  # every loader failure becomes one clear ValueError
-        raise ValueError(f'{label} could not be read: {_describe_read_error(exc, path)}') from exc
+        raise ValueError(f'{label} could not be read: {describe_read_error(exc, path)}') from exc
     state_dict = _strip_wrapper_prefixes(_select_state_dict(raw, label))
     return _validate_tensors(state_dict, label)
 

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ import yaml
 from torch import nn
 from torchdistill.common import yaml_util
 from torchdistill.common.constant import def_logger
-from torchdistill.common.main_util import import_dependencies, init_distributed_mode, set_seed
+from torchdistill.common.main_util import import_dependencies, set_seed, setup_for_distributed
 from torchdistill.common.module_util import check_if_wrapped
 from torchdistill.core.distillation import get_distillation_box
 from torchdistill.core.training import get_training_box
@@ -40,8 +43,26 @@ from tqdm import tqdm
 
 from .box import DataFreeDistillationBox, NonFiniteLossError
 from .checkpoint import atomic_save, load_weights_strictly
+from .distributed import (
+    World,
+    barrier,
+    broadcast_float,
+    broadcast_module_state,
+    destroy,
+    device_for,
+    init_distributed,
+    seed_rank,
+)
 from .evolution import write_evolution
 from .monitor import TensorBoardLogger, save_sample_grid, teacher_predictions
+from .resume import (
+    Position,
+    check_same_run,
+    last_checkpoint_path,
+    read_training_state,
+    restore_training_state,
+    save_training_state,
+)
 from .validation import check_models_agree, first_line, narrow_path, validate_config
 
 logger = def_logger.getChild(__name__)
@@ -70,7 +91,13 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument('--log_dir', help='write TensorBoard scalars and sample grids to this directory')
     parser.add_argument('--dst_ckpt', help="override the student's dst_ckpt (the evolution JSON and sample grids "
                                            'are written beside it)')
-    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
+    parser.add_argument('--save_every', type=int, default=0, metavar='N',
+                        help='data-free runs: also write the training state <dst_ckpt stem>.last.pt every N '
+                             'iterations (it is always written at each epoch end)')
+    parser.add_argument('--resume', metavar='PATH', help='continue the data-free run whose training state '
+                                                         '(<dst_ckpt stem>.last.pt) is PATH, exactly where it stopped')
+    parser.add_argument('--world_size', default=1, type=int,
+                        help='number of distributed processes (start them with torchrun --nproc_per_node N)')
     parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
     parser.add_argument('-adjust_lr', action='store_true',
                         help='multiply learning rate by number of distributed processes (world_size)')
@@ -151,14 +178,23 @@ def _train_supervised_epoch(box: Any, device: torch.device, epoch: int, progress
 
 
 def build_box(teacher: nn.Module | None, student: nn.Module, config: dict, device: torch.device,
-              device_ids: list[int] | None, distributed: bool, world_size: int, args: argparse.Namespace) -> Any:
-    """The training box: data-free when ``train.strategy`` is set, else torchdistill's own."""
+              world: World, args: argparse.Namespace) -> Any:
+    """The training box: data-free when ``train.strategy`` is set, else torchdistill's own.
+
+    A data-free box does its own data parallelism (:mod:`lrwa_plugin.distributed`); torchdistill's boxes get
+    torchdistill's (DDP, on CUDA only: on the CPU torchdistill wraps nothing, so ranks would train apart).
+    """
     train_config = config['train']
     dataset_dict = config.get('datasets', {})
-    lr_factor = world_size if distributed and args.adjust_lr else 1
+    distributed = world.distributed
+    device_ids = [world.local_rank] if distributed and device.type == 'cuda' else None
+    lr_factor = world.size if distributed and args.adjust_lr else 1
     if 'strategy' in train_config:
         box = DataFreeDistillationBox(teacher, student, dataset_dict, train_config, device, device_ids,
-                                      distributed, lr_factor)
+                                      distributed, lr_factor, world=world)
+    elif distributed and device.type != 'cuda':
+        raise SetupError('--world_size: data-parallel training without train.strategy runs torchdistill\'s own box, '
+                         'which synchronises nothing on the CPU; use --device cuda or a single process')
     elif teacher is None:
         box = get_training_box(student, dataset_dict, train_config, device, device_ids, distributed, lr_factor)
     else:
@@ -183,44 +219,87 @@ def _monitor_samples(box: DataFreeDistillationBox, teacher: nn.Module, dst_ckpt:
             tensorboard.image(f'samples/{kind}', images, epoch)
 
 
+@dataclass
+class RunState:
+    """What :func:`train` needs beyond the box: the run's identity, its processes and, on resume, its state."""
+
+    config_path: str | None = None
+    config_text: str = ''
+    seed: int | None = None
+    world: World = field(default_factory=World)
+    save_every: int = 0
+    resume: dict | None = None  # a training state read by lrwa_plugin.resume.read_training_state
+
+
 def train(box: Any, teacher: nn.Module | None, student: nn.Module, dst_ckpt: str, device: torch.device,
-          args: argparse.Namespace, config_path: str | None = None) -> dict[str, float]:
+          args: argparse.Namespace, config_path: str | None = None, run_state: RunState | None = None
+          ) -> dict[str, float]:
     """Runs the epochs; returns the best and last validation top-1.
 
     After every epoch: top-1 on the validation split, the run's learning evolution written beside ``dst_ckpt``
     (:mod:`lrwa_plugin.evolution`), sample grids (data-free runs) and, with ``--log_dir``, TensorBoard scalars. The
-    student with the best validation top-1 is written to ``dst_ckpt``, as torchdistill's example does.
+    student with the best validation top-1 is written to ``dst_ckpt``, as torchdistill's example does. A data-free
+    run also writes its whole training state to ``<dst_ckpt stem>.last.pt`` at each epoch end (and every
+    ``--save_every`` iterations) and, given one, continues from it (:mod:`lrwa_plugin.resume`). In a data-parallel
+    run rank 0 evaluates and writes files; the other ranks receive its accuracy.
     """
+    run_state = run_state or RunState(config_path=config_path, seed=args.seed)
+    world = run_state.world
     data_free = isinstance(box, DataFreeDistillationBox)
-    tensorboard = TensorBoardLogger(args.log_dir) if args.log_dir else None
-    on_iteration = None if tensorboard is None else (lambda step, losses: tensorboard.scalars('train', losses, step))
-    progress = not args.no_progress
-    best, accuracy, history = -1.0, float('nan'), []
+    tensorboard = TensorBoardLogger(args.log_dir) if args.log_dir and world.is_main else None
+    progress = not args.no_progress and world.is_main
+    position = Position(epoch=args.start_epoch)
+    if run_state.resume is not None:
+        position = restore_training_state(run_state.resume, box, world)
+        logger.info(f'Resuming at epoch {position.epoch}, iteration {position.iteration}')
+    history, best, accuracy = position.history, position.best, float('nan')
+    last_path = last_checkpoint_path(dst_ckpt)
+
+    def save_state(epoch: int, iteration: int) -> None:
+        save_training_state(last_path, box, Position(epoch, iteration, history, best), world,
+                            run_state.config_text, run_state.seed)
+
+    def on_iteration(epoch: int, iteration: int, losses: dict[str, float]) -> None:
+        done = epoch * box.iterations_per_epoch + iteration + 1
+        if tensorboard is not None:
+            tensorboard.scalars('train', losses, done - 1)
+        # The epoch's last iteration is followed by the epoch-end state.
+        if run_state.save_every and done % run_state.save_every == 0 and iteration + 1 < box.iterations_per_epoch:
+            save_state(epoch, iteration + 1)
+
     start = time.time()
-    for epoch in range(args.start_epoch, box.num_epochs):
+    for epoch in range(position.epoch, box.num_epochs):
         box.pre_epoch_process(epoch=epoch)
         if data_free:
-            losses = box.train_one_epoch(epoch, progress=progress, on_iteration=on_iteration)
+            start_iteration = position.iteration if epoch == position.epoch else 0
+            losses = box.train_one_epoch(epoch, progress=progress, on_iteration=on_iteration,
+                                         start_iteration=start_iteration)
         else:
             losses = {'loss': _train_supervised_epoch(box, device, epoch, progress)}
-        accuracy = evaluate(student, box.val_data_loader, device)
+        accuracy = evaluate(student, box.val_data_loader, device) if world.is_main else math.nan
+        accuracy = broadcast_float(accuracy, world, device)
         history.append(accuracy)
         loss_text = '  '.join(f'{k} {v:.4g}' for k, v in losses.items())
         logger.info(f'Epoch {epoch}: val top-1 {accuracy:.2f}%  {loss_text}')
-        write_evolution(dst_ckpt, history, config_path, args.seed)
-        if tensorboard is not None:
-            tensorboard.scalars('val', {'top1': accuracy}, epoch)
-        if data_free:
-            _monitor_samples(box, teacher, dst_ckpt, epoch, tensorboard)
+        if world.is_main:
+            write_evolution(dst_ckpt, history, run_state.config_path, run_state.seed)
+            if tensorboard is not None:
+                tensorboard.scalars('val', {'top1': accuracy}, epoch)
+            if data_free:
+                _monitor_samples(box, teacher, dst_ckpt, epoch, tensorboard)
         if accuracy > best:
             best = accuracy
-            save_student(dst_ckpt, student, box, best, args)
+            if world.is_main:
+                save_student(dst_ckpt, student, box, best, args)
         box.post_epoch_process()
+        if data_free:
+            save_state(epoch + 1, 0)
     logger.info('Training time %s', datetime.timedelta(seconds=int(time.time() - start)))
     if tensorboard is not None:
         tensorboard.close()
     box.clean_modules()
-    return {'best_val_top1': best, 'last_val_top1': accuracy}
+    barrier(world)  # rank 0 has written dst_ckpt before any rank reads it
+    return {'best_val_top1': best, 'last_val_top1': history[-1] if history else accuracy}
 
 
 # -------------------------------------------------------------------------------------------------- runs
@@ -238,13 +317,26 @@ def _load_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def run(config_path: str | os.PathLike, args: argparse.Namespace) -> dict[str, float]:
-    """Runs one config (train unless ``-test_only``, then test); returns the top-1 accuracies in percent."""
-    distributed, world_size, device_ids = init_distributed_mode(args.world_size, args.dist_url)
+def run(config_path: str | os.PathLike, args: argparse.Namespace, world: World | None = None) -> dict[str, float]:
+    """Runs one config (train unless ``-test_only``, then test); returns the top-1 accuracies in percent.
+
+    ``world``: this process's place in a data-parallel run (:func:`lrwa_plugin.distributed.init_distributed`);
+    None for a single process.
+    """
+    world = world or World()
+    distributed = world.distributed
     torch.backends.cudnn.benchmark = not args.disable_cudnn_benchmark
-    set_seed(args.seed)
-    device = torch.device(args.device)
+    device = device_for(torch.device(args.device), world)
     try:
+        if args.save_every < 0:
+            raise SetupError(f'--save_every: expected a number of iterations >= 0 (0: only at epoch ends), got '
+                             f'{args.save_every}')
+        if args.resume is not None and args.start_epoch:
+            raise SetupError('--start_epoch: not with --resume (the training state says where the run continues)')
+        state = read_training_state(args.resume) if args.resume is not None else None
+        if state is not None and args.seed is None:
+            args.seed = state['seed']
+        set_seed(args.seed)
         config = _load_config(config_path)
         import_dependencies(config.get('dependencies'))
         validate_config(config, training=not args.test_only)
@@ -264,10 +356,18 @@ def run(config_path: str | os.PathLike, args: argparse.Namespace) -> dict[str, f
         if 'dst_ckpt' not in student_config:
             raise SetupError(f'models.{student_key}.dst_ckpt: missing (where the trained student is written)')
         student = load_model(student_config, student_key, device, distributed)
-        box = None if args.test_only else build_box(teacher, student, config, device, device_ids, distributed,
-                                                    world_size, args)
-        if isinstance(box, DataFreeDistillationBox):
+        box = None if args.test_only else build_box(teacher, student, config, device, world, args)
+        data_free = isinstance(box, DataFreeDistillationBox)
+        if data_free:
             check_models_agree(box, models_config, student_key)
+        elif args.resume is not None or args.save_every:
+            raise SetupError(f"--{'resume' if args.resume is not None else 'save_every'}: only data-free runs "
+                             '(train.strategy) write and resume training states')
+        config_text = Path(os.path.expanduser(str(config_path))).read_text()
+        run_state = RunState(config_path=str(config_path), config_text=config_text, seed=args.seed, world=world,
+                             save_every=args.save_every, resume=state)
+        if state is not None:
+            check_same_run(state, run_state.config_text, args.seed, world, args.resume)
     except (SetupError, ValueError, FileNotFoundError, KeyError, TypeError) as error:
         # Everything above is built from the config: its errors are the user's to fix, printed on one line.
         raise SetupError(first_line(error, limit=None)) from error
@@ -275,12 +375,17 @@ def run(config_path: str | os.PathLike, args: argparse.Namespace) -> dict[str, f
         logger.info(config)
     results: dict[str, float] = {}
     if box is not None:
-        results.update(train(box, teacher, student, student_config['dst_ckpt'], device, args, str(config_path)))
+        if data_free:  # every rank starts from rank 0's weights, then draws its own z
+            broadcast_module_state([student, box.generator, *(box.replay.modules() if box.replay else [])], world)
+            seed_rank(world)
+        results.update(train(box, teacher, student, student_config['dst_ckpt'], device, args, str(config_path),
+                             run_state))
     dst_ckpt = os.path.expanduser(student_config['dst_ckpt'])
     load_weights_strictly(student, dst_ckpt, what=f'models.{student_key}.dst_ckpt')
     test_loader_config = config['test']['test_data_loader']
+    # Every rank tests on the whole split (no DistributedSampler); only rank 0 prints.
     test_loader = build_data_loader(config['datasets'][test_loader_config['dataset_id']], test_loader_config,
-                                    distributed)
+                                    False)
     if teacher is not None and not args.student_only:
         results['teacher_top1'] = evaluate(teacher, test_loader, device)
         logger.info(f"[Teacher: {teacher_config['key']}] test top-1 {results['teacher_top1']:.2f}%")
@@ -290,7 +395,7 @@ def run(config_path: str | os.PathLike, args: argparse.Namespace) -> dict[str, f
     return results
 
 
-def run_demo(config_dir: Path, args: argparse.Namespace) -> dict[str, float]:
+def run_demo(config_dir: Path, args: argparse.Namespace, world: World | None = None) -> dict[str, float]:
     """The offline digits demo: teacher (trained once, if its checkpoint is missing), then the LRWA student."""
     if args.seed is None:
         args.seed = DEMO_SEED
@@ -298,9 +403,9 @@ def run_demo(config_dir: Path, args: argparse.Namespace) -> dict[str, float]:
     teacher_ckpt = _load_config(teacher_config_path)['models']['model']['dst_ckpt']
     if not os.path.isfile(os.path.expanduser(teacher_ckpt)):
         logger.info(f'Training the digits teacher ({teacher_config_path}); it is saved at {teacher_ckpt}')
-        run(teacher_config_path, argparse.Namespace(**{**vars(args), 'dst_ckpt': None, 'log_dir': None}))
+        run(teacher_config_path, argparse.Namespace(**{**vars(args), 'dst_ckpt': None, 'log_dir': None}), world)
     start = time.time()
-    results = run(config_dir / DEMO_STUDENT_CONFIG, args)
+    results = run(config_dir / DEMO_STUDENT_CONFIG, args, world)
     results['seconds'] = time.time() - start
     return results
 
@@ -314,13 +419,21 @@ def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike |
     logger.info(args)
     start = time.time()
     try:
+        world = init_distributed(args.world_size, args.dist_url, torch.device(args.device))
+    except ValueError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    if not world.is_main:  # one voice: rank 0 prints and logs, the others only warn
+        setup_for_distributed(False)
+        def_logger.setLevel(logging.WARNING)
+    try:
         if args.config is None:
             config_dir = Path(demo_config_dir) if demo_config_dir is not None else \
                 Path(__file__).resolve().parent.parent / 'examples' / 'configs' / 'digits'
-            results = run_demo(config_dir, args)
+            results = run_demo(config_dir, args, world)
             label = f'digits demo ({DEMO_STUDENT_CONFIG}, seed {args.seed})'
         else:
-            results = run(args.config, args)
+            results = run(args.config, args, world)
             label = args.config
     except SetupError as error:
         print(f'error: {error}', file=sys.stderr)
@@ -328,6 +441,8 @@ def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike |
     except NonFiniteLossError as error:
         print(f'error: {error}', file=sys.stderr)
         return 3
+    finally:
+        destroy(world)
     summary = ', '.join(f'{k} {v:.2f}' + ('%' if 'top1' in k else ' s' if k == 'seconds' else '')
                         for k, v in results.items())
     print(f'Summary [{label}]: {summary}; wall time {time.time() - start:.0f} s')

@@ -45,6 +45,9 @@ class ReplayMemory:
 
     #: Samples a replay batch of this size unless the caller asks otherwise.
     batch_size: int
+    #: The seed of ``_rng``, the memory's own random stream (sampling, schedules).
+    _seed: int = 0
+    _rng: torch.Generator
 
     def __len__(self) -> int:
         """How many samples the memory holds (0: ``sample`` returns None)."""
@@ -63,6 +66,15 @@ class ReplayMemory:
     def log_values(self) -> dict[str, float]:
         """Numbers worth a progress-bar column."""
         return {'memory': float(len(self))}
+
+    def modules(self) -> list[nn.Module]:
+        """Networks the memory trains (kept identical across ranks at the start of a data-parallel run)."""
+        return []
+
+    def seed_rank(self, rank: int) -> None:
+        """Gives this rank's memory its own sampling stream (data-parallel runs keep one memory per rank)."""
+        if rank and hasattr(self, '_rng'):
+            self._rng.manual_seed(self._seed + 1_000_003 * rank)
 
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -135,6 +147,7 @@ class MemoryBank(ReplayMemory):
         self._batches: list[Tensor] = []  # fifo: pushed batches, oldest first; reservoir: one tensor of the slots
         self._seen = 0  # samples ever pushed (reservoir)
         self._sample_dtype: torch.dtype | None = None
+        self._seed = seed
         self._rng = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -278,6 +291,7 @@ class GenerativeReplay(ReplayMemory):
         self._step = 0  # student steps observed
         self._trained_samples = 0
         self._last_loss = float('nan')
+        self._seed = seed
         self._rng = torch.Generator().manual_seed(seed)
 
     @staticmethod
@@ -294,6 +308,9 @@ class GenerativeReplay(ReplayMemory):
 
     def __len__(self) -> int:
         return self._trained_samples
+
+    def modules(self) -> list[nn.Module]:
+        return [self.vae]
 
     def attach(self, teacher: nn.Module, device: torch.device) -> None:
         """Keeps the frozen teacher, moves the VAE to ``device`` and checks its decoder's samples fit the teacher."""

@@ -70,3 +70,19 @@ def work(teacher_dir: Path, tmp_path: Path, monkeypatch) -> Path:
 
 def run_cli(config: Path, *flags: str) -> int:
     return main(['--config', str(config), '--device', 'cpu', '--seed', '0', '-no_progress', *flags])
+
+
+def assert_same(a: object, b: object, path: str = 'state') -> None:
+    """Recursive bit-for-bit equality of two loaded states (tensors with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), path
+        for key in a:
+            assert_same(a[key], b[key], f'{path}.{key}')
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f'{path}[{i}]')
+    else:
+        assert a == b or (a != a and b != b), f'{path}: {a!r} != {b!r}'  # nan == nan

@@ -1,0 +1,184 @@
+"""Training state: ``<dst_ckpt without suffix>.last.pt``, from which ``--resume`` continues a run exactly.
+
+Data-free distillation at the paper's scale (Patel, Mopuri, Qiu, CVPR 2023: 400 epochs x 72 iterations x 10
+student steps) runs for days, and its released code cannot resume without losing the replay memory. The state written
+here holds everything the next iteration depends on:
+
+* shared by every rank: student, generator, their optimizers and schedulers, torchdistill's step counter
+  (:meth:`lrwa_plugin.box.DataFreeDistillationBox.state_dict`), where to continue (epoch, iteration), the
+  accuracy history and best accuracy so far, the config text, seed and world size;
+* per rank (``ranks[r]``): the replay memory (a memory bank's samples, a generative replay's VAE and its optimizer,
+  their own random streams) and the python / numpy / torch (/ CUDA) random states.
+
+It is written by rank 0 (the other ranks' parts are gathered to it) with :func:`lrwa_plugin.checkpoint.atomic_save`
+(temporary file, fsync, rename: a run killed mid-write leaves the previous state), at every epoch end and, with
+``--save_every N``, every N iterations; it is read with ``torch.load(weights_only=True)``. Resuming on the CPU
+reproduces bit for bit the weights of a run that was never stopped (tests/test_resume.py).
+
+.. code-block:: bash
+
+    python examples/run_torchdistill.py --config run.yaml --save_every 10          # killed at some point ...
+    python examples/run_torchdistill.py --config run.yaml --resume student.last.pt  # ... continues it
+
+A state written by a different config (anything but ``train.num_epochs``, which may grow to extend a run), seed or
+number of processes is refused with a message listing what differs.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from .checkpoint import atomic_save, describe_read_error
+from .distributed import World, gather_to_main
+
+FORMAT = 'lrwa_plugin.training_state'
+VERSION = 1
+#: Config keys that may differ between the saved run and the resumed one.
+ALLOWED_CHANGES: tuple[str, ...] = ('train.num_epochs',)
+_MAX_LISTED = 5
+
+
+def last_checkpoint_path(dst_ckpt: str | os.PathLike) -> Path:
+    """``student.pt`` -> ``student.last.pt`` (beside the best-by-accuracy student)."""
+    path = Path(os.path.expanduser(os.fspath(dst_ckpt)))
+    return path.with_name(path.stem + '.last.pt')
+
+
+@dataclass
+class Position:
+    """Where a run stands: the next ``iteration`` of ``epoch`` to run, the per-epoch accuracies and the best one."""
+
+    epoch: int = 0
+    iteration: int = 0
+    history: list[float] = field(default_factory=list)
+    best: float = -1.0
+
+
+# ------------------------------------------------------------------------------------------------ random states
+def rng_state() -> dict[str, Any]:
+    """This process's python, numpy, torch (and CUDA) random states, in types ``weights_only`` loading accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'python': random.getstate(),
+            'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                      'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+            'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state['numpy']
+    np.random.set_state((numpy['kind'], numpy['keys'].numpy().astype(np.uint32), numpy['pos'], numpy['has_gauss'],
+                         numpy['cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    if state['cuda']:
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def save_training_state(path: str | os.PathLike, box: Any, position: Position, world: World, config_text: str,
+                        seed: int | None) -> None:
+    """Gathers every rank's part to rank 0, which writes the state atomically (collective: call on every rank)."""
+    replay = box.replay.state_dict() if box.replay is not None else None
+    ranks = gather_to_main({'replay': replay, 'rng': rng_state()}, world)
+    if not world.is_main:
+        return
+    atomic_save({'format': FORMAT, 'version': VERSION, 'config': config_text, 'seed': seed,
+                 'world_size': world.size, 'epoch': position.epoch, 'iteration': position.iteration,
+                 'history': list(position.history), 'best': position.best, 'box': box.state_dict(),
+                 'ranks': ranks}, path)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a state written by :func:`save_training_state`; every problem is a one-line ``ValueError``."""
+    path = os.path.expanduser(os.fspath(path))
+    label = f"--resume: checkpoint '{path}'"
+    if not os.path.isfile(path):
+        raise ValueError(f'{label} does not exist')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:  # truncated, corrupt, not a torch file: one line
+        raise ValueError(f'{label} could not be read: {describe_read_error(error, path)}') from error
+    if not isinstance(state, dict) or state.get('format') != FORMAT:
+        raise ValueError(f'{label} is not a training state written by lrwa_plugin (expected the '
+                         f'<dst_ckpt stem>.last.pt file of a data-free run, not the best-student checkpoint)')
+    if state.get('version') != VERSION:
+        raise ValueError(f"{label} has format version {state.get('version')}, this lrwa_plugin reads {VERSION}")
+    return state
+
+
+class _TagTolerantLoader(yaml.SafeLoader):
+    """Parses torchdistill YAML without running its ``!import_call`` tags: a tag becomes ``{'!tag': value}``."""
+
+
+def _construct_tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    if isinstance(node, yaml.MappingNode):
+        value: Any = loader.construct_mapping(node, deep=True)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_scalar(node)
+    return {f'!{suffix}': value}
+
+
+_TagTolerantLoader.add_multi_constructor('!', _construct_tagged)
+
+
+def _differences(saved: Any, current: Any, path: str = '') -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        found = []
+        for key in list(saved) + [k for k in current if k not in saved]:
+            sub = f'{path}.{key}' if path else str(key)
+            if key not in current:
+                found.append(f'{sub} removed')
+            elif key not in saved:
+                found.append(f'{sub} added')
+            else:
+                found.extend(_differences(saved[key], current[key], sub))
+        return found
+    if saved != current and path not in ALLOWED_CHANGES:
+        return [f'{path}: {saved!r} -> {current!r}']
+    return []
+
+
+def check_same_run(state: dict[str, Any], config_text: str, seed: int | None, world: World, path: str) -> None:
+    """Refuses a state written by another config, seed or number of processes, listing what differs."""
+    differences = _differences(yaml.load(state['config'], Loader=_TagTolerantLoader),
+                               yaml.load(config_text, Loader=_TagTolerantLoader))
+    if seed is not None and seed != state['seed']:
+        differences.append(f"--seed: {state['seed']} -> {seed}")
+    if world.size != state['world_size']:
+        differences.append(f"number of processes: {state['world_size']} -> {world.size}")
+    if differences:
+        shown = differences[:_MAX_LISTED] + ([f'+{len(differences) - _MAX_LISTED} more']
+                                             if len(differences) > _MAX_LISTED else [])
+        raise ValueError(f"--resume: checkpoint '{path}' was written by a different run ({'; '.join(shown)}); "
+                         f"resume with the same config, seed and number of processes, or start a new run")
+
+
+def restore_training_state(state: dict[str, Any], box: Any, world: World) -> Position:
+    """Loads the state into the box and this rank's replay memory and random streams; returns where to continue."""
+    try:
+        box.load_state_dict(state['box'])
+        rank = state['ranks'][world.rank]
+        if (box.replay is None) != (rank['replay'] is None):
+            raise ValueError('the replay memory of the checkpoint and of the config differ')
+        if box.replay is not None:
+            box.replay.load_state_dict(rank['replay'])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f'--resume: the checkpoint does not fit the models built from the config: {message}') \
+            from error
+    set_rng_state(rank['rng'])  # last: nothing may draw from the streams between here and the first step
+    return Position(int(state['epoch']), int(state['iteration']), [float(a) for a in state['history']],
+                    float(state['best']))

@@ -1,0 +1,156 @@
+"""Training state and --resume: a killed run continues bit for bit; bad states are refused before training."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DIGITS_CONFIGS, ROOT, assert_same, run_cli, write_config
+
+from lrwa_plugin import checkpoint
+from lrwa_plugin.resume import last_checkpoint_path, read_training_state
+
+TINY = {'num_epochs: 12': 'num_epochs: 3', 'iterations_per_epoch: 25': 'iterations_per_epoch: 4',
+        'student_steps: 5': 'student_steps: 2', 'batch_size: 128': 'batch_size: 32'}
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob('*')) if p.is_file()}
+
+
+def command(config: Path, dst: str, *flags: str) -> list[str]:
+    return [sys.executable, str(ROOT / 'examples' / 'run_torchdistill.py'), '--config', str(config), '--device', 'cpu',
+            '--seed', '0', '-no_progress', '--dst_ckpt', dst, *flags]
+
+
+def test_sigkill_then_resume_is_bit_identical(work: Path) -> None:
+    """N iterations straight == killed (SIGKILL) after k < N iterations + resumed: student, generator, memory."""
+    config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', TINY)
+    assert run_cli(config, '--dst_ckpt', 'straight/student.pt', '--save_every', '1') == 0
+
+    killed = last_checkpoint_path('killed/student.pt')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+    process = subprocess.Popen(command(config, 'killed/student.pt', '--save_every', '1'), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Kill once a state from the second epoch exists: the memory bank then holds epoch 0's batch.
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            if killed.is_file() and read_training_state(killed)['epoch'] >= 1:
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        assert process.wait(timeout=60) == -signal.SIGKILL, 'the run ended before it could be killed'
+    finally:
+        process.kill()
+    stopped = read_training_state(killed)
+    assert (stopped['epoch'], stopped['iteration']) < (3, 0)
+    assert len(stopped['ranks'][0]['replay']['batches']) >= 1
+
+    assert run_cli(config, '--dst_ckpt', 'killed/student.pt', '--save_every', '1', '--resume', str(killed)) == 0
+    straight, resumed = (read_training_state(p) for p in (last_checkpoint_path('straight/student.pt'), killed))
+    assert (resumed['epoch'], resumed['iteration']) == (3, 0)
+    assert_same(straight['box'], resumed['box'])  # student, generator, optimizers, schedulers
+    assert_same(straight['ranks'], resumed['ranks'])  # memory bank (samples and sampling stream), RNG states
+    assert straight['history'] == resumed['history']
+    best_straight = torch.load('straight/student.pt', weights_only=True)['model']
+    assert_same(best_straight, torch.load('killed/student.pt', weights_only=True)['model'])
+
+
+def test_extending_a_finished_run_equals_the_longer_run(work: Path) -> None:
+    """train.num_epochs may grow on resume (epoch-boundary resume; in process)."""
+    three = write_config(DIGITS_CONFIGS / 'lrwa_gr.yaml', work / 'three.yaml', {**TINY, 'iterations_per_epoch: 25':
+                                                                               'iterations_per_epoch: 3'})
+    assert run_cli(three, '--dst_ckpt', 'a/student.pt') == 0
+    two = write_config(three, work / 'two.yaml', {'num_epochs: 3': 'num_epochs: 2'})
+    assert run_cli(two, '--dst_ckpt', 'b/student.pt') == 0
+    assert run_cli(three, '--dst_ckpt', 'b/student.pt', '--resume', 'b/student.last.pt') == 0
+    a, b = (read_training_state(f'{d}/student.last.pt') for d in 'ab')
+    assert_same(a['box'], b['box'])
+    assert_same(a['ranks'], b['ranks'])  # generative replay: VAE, its optimizer and stream
+    assert a['history'] == b['history'] and len(a['history']) == 3
+
+
+@pytest.fixture
+def finished(work: Path) -> Path:
+    """A finished 1-epoch run: its config, best student and training state."""
+    config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml',
+                          {**TINY, 'num_epochs: 12': 'num_epochs: 1', 'iterations_per_epoch: 25':
+                           'iterations_per_epoch: 2'})
+    assert run_cli(config, '--dst_ckpt', 'out/student.pt') == 0
+    return config
+
+
+@pytest.mark.parametrize(('edit', 'expected'), [
+    (lambda c: c.replace('batch_size: 32', 'batch_size: 16'), 'train.data_free.batch_size: 32 -> 16'),
+    (lambda c: c.replace("backend: 'higher'", "backend: 'functional'"),
+     "train.data_free.meta.backend: 'higher' -> 'functional'"),
+    (lambda c: c.replace('alpha: 0.5', 'alpha: 0.25'), 'train.data_free.meta.alpha: 0.5 -> 0.25'),
+])
+def test_resume_refuses_a_different_config(finished: Path, work: Path, capsys, edit, expected) -> None:
+    other = work / 'other.yaml'
+    other.write_text(edit(finished.read_text()))
+    before = snapshot(work / 'out')
+    assert run_cli(other, '--dst_ckpt', 'out/student.pt', '--resume', 'out/student.last.pt') == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count('\n') == 0 and error.startswith("error: --resume: checkpoint 'out/student.last.pt' was "
+                                                       'written by a different run') and expected in error, error
+    assert snapshot(work / 'out') == before
+
+
+def test_resume_refuses_another_seed(finished: Path, capsys) -> None:
+    assert run_cli(finished, '--dst_ckpt', 'out/student.pt', '--resume', 'out/student.last.pt', '--seed', '1') == 2
+    assert '--seed: 0 -> 1' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(('damage', 'expected'), [
+    (lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]), 'could not be read'),
+    (lambda p: p.write_bytes(b''), 'could not be read: the file is empty'),
+    (lambda p: p.unlink(), 'does not exist'),
+    (lambda p: p.write_bytes(Path('out/student.pt').read_bytes()), 'is not a training state'),
+])
+def test_resume_reports_a_bad_checkpoint_in_one_line(finished: Path, work: Path, capsys, damage, expected) -> None:
+    damage(work / 'out' / 'student.last.pt')
+    before = snapshot(work / 'out')
+    assert run_cli(finished, '--dst_ckpt', 'out/student.pt', '--resume', 'out/student.last.pt') == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count('\n') == 0 and error.startswith("error: --resume: checkpoint 'out/student.last.pt'") \
+        and expected in error, error
+    assert snapshot(work / 'out') == before
+
+
+def test_interrupted_write_leaves_the_previous_state(finished: Path, work: Path, monkeypatch) -> None:
+    """A write that dies half way (truncated temporary file) leaves the last complete state loadable."""
+    path = work / 'out' / 'student.last.pt'
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def dies_half_way(obj: object, f) -> None:
+        real_save(obj, f)
+        f.flush()
+        f.truncate(f.tell() // 2)
+        raise KeyboardInterrupt('killed while writing')
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(checkpoint.torch, 'save', dies_half_way)
+        checkpoint.atomic_save({'format': 'anything'}, path)
+    assert path.read_bytes() == before and read_training_state(path)['epoch'] == 1
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith('.tmp')] == []
+    # A SIGKILL mid-write leaves the truncated temporary file behind: it is ignored, the run resumes and extends.
+    (path.parent / f'.{path.name}.12345.deadbeef.tmp').write_bytes(before[:len(before) // 3])
+    longer = write_config(finished, work / 'longer.yaml', {'num_epochs: 1': 'num_epochs: 2'})
+    assert run_cli(longer, '--dst_ckpt', 'out/student.pt', '--resume', str(path)) == 0
+    assert read_training_state(path)['epoch'] == 2
+
+
+def test_save_every_and_resume_need_a_data_free_run(work: Path, capsys) -> None:
+    teacher = write_config(DIGITS_CONFIGS / 'teacher.yaml', work / 'teacher.yaml', {'num_epochs: 10': 'num_epochs: 1'})
+    assert run_cli(teacher, '--dst_ckpt', 'x.pt', '--save_every', '5') == 2
+    assert capsys.readouterr().err.strip() == ('error: --save_every: only data-free runs (train.strategy) write and '
+                                               'resume training states')
+    assert not Path('x.pt').exists()
