@@ -106,6 +106,8 @@ def plot_evolution(curves: Mapping[str, Sequence[Sequence[float]]], path: str | 
     from matplotlib import pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from .monitor import save_figure
+
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for label, runs in curves.items():
         length = min(len(r) for r in runs)
@@ -121,9 +123,4 @@ def plot_evolution(curves: Mapping[str, Sequence[Sequence[float]]], path: str | 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc='lower right', fontsize='small')
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -45,6 +45,13 @@ def save_sample_grid(images: Tensor, labels: Tensor, path: str | os.PathLike, ti
                 str(label), ha='center', va='center', fontsize=8, color='tab:red')
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Writes a matplotlib figure to ``path`` (parents created) and closes it."""
+    from matplotlib import pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

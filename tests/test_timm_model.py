@@ -36,14 +36,6 @@ def _distinctive_model() -> nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _single_thread():
-    """Tiny forwards are ~100x slower with 2 OpenMP threads on a busy 2-core machine; restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.fixture(scope='module')
 def source() -> nn.Module:
