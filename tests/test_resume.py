@@ -154,3 +154,16 @@ def test_save_every_and_resume_need_a_data_free_run(work: Path, capsys) -> None:
     assert capsys.readouterr().err.strip() == ('error: --save_every: only data-free runs (train.strategy) write and '
                                                'resume training states')
     assert not Path('x.pt').exists()
+
+
+@pytest.mark.parametrize(('flags', 'expected'), [
+    (['--save_every', '-1'], 'error: --save_every: expected a number of iterations >= 0 (0: only at epoch ends), '
+                             'got -1'),
+    (['--resume', 'out/student.last.pt', '--start_epoch', '1'],
+     'error: --start_epoch: not with --resume (the training state says where the run continues)'),
+])
+def test_flag_mistakes_are_one_line_before_training(finished: Path, work: Path, capsys, flags, expected) -> None:
+    before = snapshot(work / 'out')
+    assert run_cli(finished, '--dst_ckpt', 'out/student.pt', *flags) == 2
+    assert capsys.readouterr().err.strip() == expected
+    assert snapshot(work / 'out') == before
