@@ -53,7 +53,7 @@ from torchdistill.models.registry import get_model
 from torchdistill.optim.registry import get_optimizer, get_scheduler
 from tqdm import tqdm
 
-from .distributed import GradientAverager, World, broadcast_module_state
+from .distributed import GradientAverager, World, any_rank, broadcast_module_state
 from .losses import BN_STATS_PATH, TeacherBNStatistics
 from .models.generators import check_generator_fits_teacher
 from .registry import get_replay, get_strategy
@@ -239,7 +239,12 @@ class DataFreeDistillationBox(DistillationBox):
         input batches counted, so a healthy step pays one ``isfinite`` per loss.
         """
         values = {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in losses.items()}
-        if all(math.isfinite(v) for v in values.values()):
+        finite = all(math.isfinite(v) for v in values.values())
+        # Under torchrun every rank learns of it here, so no rank waits in a collective that will never come.
+        if any_rank(not finite, self.world) and finite:
+            raise NonFiniteLossError(f'rank {self.world.rank}: another rank saw a non-finite loss at {self._at}; '
+                                     f'{self._STOPPED}')
+        if finite:
             return
         details = _format_values(values)
         if terms is not None:
@@ -250,7 +255,8 @@ class DataFreeDistillationBox(DistillationBox):
         for kind, batch in (batches or {}).items():
             if batch is not None and not bool(torch.isfinite(batch).all()):
                 details += f'; {kind} batch: {int((~torch.isfinite(batch)).sum())} of {batch.numel()} values non-finite'
-        raise NonFiniteLossError(f'non-finite loss at {self._at}: {details}; {self._STOPPED}')
+        where = f'rank {self.world.rank}: ' if self.world.distributed else ''
+        raise NonFiniteLossError(f'{where}non-finite loss at {self._at}: {details}; {self._STOPPED}')
 
     def _check_finite_gradient(self, model: str, parameters: Iterable[nn.Parameter],
                                losses: dict[str, Tensor | float]) -> None:

@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike |
     try:
         world = init_distributed(args.world_size, args.dist_url, torch.device(args.device))
     except ValueError as error:
-        print(f'error: {error}', file=sys.stderr)
+        sys.stderr.write(f'error: {error}\n')  # every rank: print is rank 0's only
         return 2
     if not world.is_main:  # one voice: rank 0 prints and logs, the others only warn
         setup_for_distributed(False)
@@ -436,10 +436,10 @@ def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike |
             results = run(args.config, args, world)
             label = args.config
     except SetupError as error:
-        print(f'error: {error}', file=sys.stderr)
+        sys.stderr.write(f'error: {error}\n')  # every rank: print is rank 0's only
         return 2
     except NonFiniteLossError as error:
-        print(f'error: {error}', file=sys.stderr)
+        sys.stderr.write(f'error: {error}\n')  # every rank: print is rank 0's only
         return 3
     finally:
         destroy(world)

@@ -170,6 +170,15 @@ def broadcast_float(value: float, world: World, device: torch.device) -> float:
     return float(tensor.item())
 
 
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank if ``flag`` is True on any (one tiny all-reduce; ``flag`` itself for one process)."""
+    if not world.distributed:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item() > 0)
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

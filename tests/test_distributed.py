@@ -80,6 +80,42 @@ def test_two_gloo_ranks_stay_bit_identical_and_resume_exactly(work: Path) -> Non
     assert straight['history'] == resumed['history']
 
 
+def _poisoned_rank_main(rank: int, world_size: int, port: int, config: str, work: str) -> None:
+    """One rank of a 2-rank run in which rank 1's first generated batch is NaN; writes its status and stderr."""
+    import contextlib
+    import io
+    os.chdir(work)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from lrwa_plugin import cli
+    from lrwa_plugin.box import DataFreeDistillationBox
+    if rank == 1:
+        real_sample = DataFreeDistillationBox.sample
+
+        def poisoned(self, batch_size=None):
+            return real_sample(self, batch_size) * float('nan')
+        DataFreeDistillationBox.sample = poisoned
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = cli.main(['--config', config, '--device', 'cpu', '--seed', '0', '-no_progress', '--world_size',
+                           str(world_size), '--dst_ckpt', 'out/student.pt'])
+    errors = [line for line in stderr.getvalue().splitlines() if line.startswith('error: ')]
+    Path(f'status{rank}.txt').write_text(f'{status}\n' + '\n'.join(errors))
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(work: Path) -> None:
+    config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', TINY)
+    mp.spawn(_poisoned_rank_main, args=(2, free_port(), str(config), str(work)), nprocs=2, join=True)
+    statuses = [(work / f'status{r}.txt').read_text().splitlines() for r in (0, 1)]
+    assert [s[0] for s in statuses] == ['3', '3']
+    assert statuses[1][1].startswith('error: rank 1: non-finite loss at epoch 0, iteration 0, generator step 0: '
+                                     'gen = nan')
+    assert statuses[0][1].startswith('error: rank 0: another rank saw a non-finite loss at epoch 0, iteration 0, '
+                                     'generator step 0')
+    assert not (work / 'out' / 'student.pt').exists()
+
+
 def test_a_ddp_wrapper_in_the_yaml_is_replaced_with_a_warning(work: Path, caplog) -> None:
     config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', {
         **TINY, "  student:\n    forward_proc: 'forward_batch_only'":
