@@ -238,7 +238,7 @@ class DataFreeDistillationBox(DistillationBox):
         Only then are the criterion's weighted sub terms computed (``terms``) and the non-finite values of the
         input batches counted, so a healthy step pays one ``isfinite`` per loss.
         """
-        values = {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in losses.items()}
+        values = _loss_values(losses)
         finite = all(math.isfinite(v) for v in values.values())
         # Under torchrun every rank learns of it here, so no rank waits in a collective that will never come.
         if any_rank(not finite, self.world) and finite:
@@ -266,9 +266,8 @@ class DataFreeDistillationBox(DistillationBox):
             return
         norm = float(torch.nn.utils.get_total_norm(grads))  # one fused norm over every gradient
         if not math.isfinite(norm):
-            values = {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in losses.items()}
             raise NonFiniteLossError(f'non-finite gradient norm of the {model} ({norm}) at {self._at} with finite '
-                                     f'losses {_format_values(values)}; {self._STOPPED}')
+                                     f'losses {_format_values(_loss_values(losses))}; {self._STOPPED}')
 
     def train_iteration(self, epoch: int, iteration: int) -> dict[str, float]:
         """Generator step(s), student step(s), replay update; returns the last loss values."""
@@ -370,6 +369,10 @@ def _drop_wrappers(train_config: dict) -> None:
             logger.warning(f"train.{role}.wrapper '{key}' is not used: data-free training runs the plain {role} "
                            f"(higher and torch.func cannot go through a wrapper); under torchrun the box averages "
                            f"gradients across ranks itself")
+
+
+def _loss_values(losses: dict[str, Tensor | float]) -> dict[str, float]:
+    return {name: float(v.detach()) if isinstance(v, Tensor) else float(v) for name, v in losses.items()}
 
 
 def _format_values(values: dict[str, float]) -> str:

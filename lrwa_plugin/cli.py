@@ -221,37 +221,33 @@ def _monitor_samples(box: DataFreeDistillationBox, teacher: nn.Module, dst_ckpt:
 
 @dataclass
 class RunState:
-    """What :func:`train` needs beyond the box: the run's identity, its processes and, on resume, its state."""
+    """What :func:`train` needs beyond the box: the run's identity, its processes and where it starts."""
 
     config_path: str | None = None
     config_text: str = ''
     seed: int | None = None
     world: World = field(default_factory=World)
     save_every: int = 0
-    resume: dict | None = None  # a training state read by lrwa_plugin.resume.read_training_state
+    position: Position = field(default_factory=Position)  # restored from --resume, else epoch --start_epoch
 
 
 def train(box: Any, teacher: nn.Module | None, student: nn.Module, dst_ckpt: str, device: torch.device,
-          args: argparse.Namespace, config_path: str | None = None, run_state: RunState | None = None
-          ) -> dict[str, float]:
+          args: argparse.Namespace, run_state: RunState | None = None) -> dict[str, float]:
     """Runs the epochs; returns the best and last validation top-1.
 
     After every epoch: top-1 on the validation split, the run's learning evolution written beside ``dst_ckpt``
     (:mod:`lrwa_plugin.evolution`), sample grids (data-free runs) and, with ``--log_dir``, TensorBoard scalars. The
     student with the best validation top-1 is written to ``dst_ckpt``, as torchdistill's example does. A data-free
     run also writes its whole training state to ``<dst_ckpt stem>.last.pt`` at each epoch end (and every
-    ``--save_every`` iterations) and, given one, continues from it (:mod:`lrwa_plugin.resume`). In a data-parallel
-    run rank 0 evaluates and writes files; the other ranks receive its accuracy.
+    ``--save_every`` iterations); a resumed run starts at ``run_state.position`` (:mod:`lrwa_plugin.resume`). In a
+    data-parallel run rank 0 evaluates and writes files; the other ranks receive its accuracy.
     """
-    run_state = run_state or RunState(config_path=config_path, seed=args.seed)
+    run_state = run_state or RunState(seed=args.seed, position=Position(epoch=args.start_epoch))
     world = run_state.world
     data_free = isinstance(box, DataFreeDistillationBox)
     tensorboard = TensorBoardLogger(args.log_dir) if args.log_dir and world.is_main else None
     progress = not args.no_progress and world.is_main
-    position = Position(epoch=args.start_epoch)
-    if run_state.resume is not None:
-        position = restore_training_state(run_state.resume, box, world)
-        logger.info(f'Resuming at epoch {position.epoch}, iteration {position.iteration}')
+    position = run_state.position
     history, best, accuracy = position.history, position.best, float('nan')
     last_path = last_checkpoint_path(dst_ckpt)
 
@@ -365,9 +361,15 @@ def run(config_path: str | os.PathLike, args: argparse.Namespace, world: World |
                              '(train.strategy) write and resume training states')
         config_text = Path(os.path.expanduser(str(config_path))).read_text()
         run_state = RunState(config_path=str(config_path), config_text=config_text, seed=args.seed, world=world,
-                             save_every=args.save_every, resume=state)
+                             save_every=args.save_every, position=Position(epoch=args.start_epoch))
         if state is not None:
-            check_same_run(state, run_state.config_text, args.seed, world, args.resume)
+            check_same_run(state, config_text, args.seed, world, args.resume)
+        if data_free:  # every rank starts from rank 0's weights, then draws its own z
+            broadcast_module_state([student, box.generator, *(box.replay.modules() if box.replay else [])], world)
+            seed_rank(world)
+        if state is not None:  # last: it sets the random streams the first step draws from
+            run_state.position = restore_training_state(state, box, world)
+            logger.info(f'Resuming at epoch {run_state.position.epoch}, iteration {run_state.position.iteration}')
     except (SetupError, ValueError, FileNotFoundError, KeyError, TypeError) as error:
         # Everything above is built from the config: its errors are the user's to fix, printed on one line.
         raise SetupError(first_line(error, limit=None)) from error
@@ -375,11 +377,7 @@ def run(config_path: str | os.PathLike, args: argparse.Namespace, world: World |
         logger.info(config)
     results: dict[str, float] = {}
     if box is not None:
-        if data_free:  # every rank starts from rank 0's weights, then draws its own z
-            broadcast_module_state([student, box.generator, *(box.replay.modules() if box.replay else [])], world)
-            seed_rank(world)
-        results.update(train(box, teacher, student, student_config['dst_ckpt'], device, args, str(config_path),
-                             run_state))
+        results.update(train(box, teacher, student, student_config['dst_ckpt'], device, args, run_state))
     dst_ckpt = os.path.expanduser(student_config['dst_ckpt'])
     load_weights_strictly(student, dst_ckpt, what=f'models.{student_key}.dst_ckpt')
     test_loader_config = config['test']['test_data_loader']
@@ -435,12 +433,9 @@ def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike |
         else:
             results = run(args.config, args, world)
             label = args.config
-    except SetupError as error:
+    except (SetupError, NonFiniteLossError) as error:
         sys.stderr.write(f'error: {error}\n')  # every rank: print is rank 0's only
-        return 2
-    except NonFiniteLossError as error:
-        sys.stderr.write(f'error: {error}\n')  # every rank: print is rank 0's only
-        return 3
+        return 2 if isinstance(error, SetupError) else 3
     finally:
         destroy(world)
     summary = ', '.join(f'{k} {v:.2f}' + ('%' if 'top1' in k else ' s' if k == 'seconds' else '')

@@ -37,6 +37,7 @@ import yaml
 
 from .checkpoint import atomic_save, describe_read_error
 from .distributed import World, gather_to_main
+from .validation import first_line
 
 FORMAT = 'lrwa_plugin.training_state'
 VERSION = 1
@@ -176,9 +177,8 @@ def restore_training_state(state: dict[str, Any], box: Any, world: World) -> Pos
         if box.replay is not None:
             box.replay.load_state_dict(rank['replay'])
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f'--resume: the checkpoint does not fit the models built from the config: {message}') \
-            from error
+        raise ValueError(f'--resume: the checkpoint does not fit the models built from the config: '
+                         f'{first_line(error, limit=None)}') from error
     set_rng_state(rank['rng'])  # last: nothing may draw from the streams between here and the first step
     return Position(int(state['epoch']), int(state['iteration']), [float(a) for a in state['history']],
                     float(state['best']))

@@ -167,3 +167,16 @@ def test_flag_mistakes_are_one_line_before_training(finished: Path, work: Path, 
     assert run_cli(finished, '--dst_ckpt', 'out/student.pt', *flags) == 2
     assert capsys.readouterr().err.strip() == expected
     assert snapshot(work / 'out') == before
+
+
+def test_a_state_that_does_not_fit_the_models_is_one_line(finished: Path, work: Path, capsys) -> None:
+    path = work / 'out' / 'student.last.pt'
+    state = torch.load(path, weights_only=True)
+    state['box']['student'].pop(next(iter(state['box']['student'])))
+    torch.save(state, path)
+    before = snapshot(work / 'out')
+    assert run_cli(finished, '--dst_ckpt', 'out/student.pt', '--resume', str(path)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count('\n') == 0 and error.startswith('error: --resume: the checkpoint does not fit the models built '
+                                                       'from the config: '), error
+    assert snapshot(work / 'out') == before
