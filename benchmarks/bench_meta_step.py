@@ -19,6 +19,14 @@ a ratio to ``plain`` measured in this run, in wall time and in this process's CP
 is the work done, much less disturbed by other jobs on the machine than the wall time). Nothing is asserted on
 timings.
 
+Work: the floating-point operations of one step, counted by ``torch.utils.flop_counter.FlopCounterMode`` (matrix
+products and convolutions, forward, backward and double backward, which are all but a sliver of the arithmetic), one
+untimed step per variant. Unlike the times, the counts do not depend on the machine or its load: a time ratio can
+fall below the work ratio only as far as the kernels run one variant's operations faster than the other's. For the
+exact second-order step the Hessian-vector product costs two gradients of L_Acq (``FlopCounterMode`` counts the same
+for ``torch.func``'s forward-over-reverse ``jvp(grad(·))`` as for reverse-over-reverse), so its work is
+plain + 2 × (acquisition gradient): 2.79× the plain step at the default sizes.
+
 Memory: the peak of the tensor memory the step allocates, over what was allocated before it (model, optimizer state,
 batches, gradients released by ``zero_grad(set_to_none=True)`` just before). It is measured by
 ``torch.profiler.profile(profile_memory=True)``, whose allocation and free events come from torch's CPU allocator
@@ -29,6 +37,7 @@ with the allocator's and the libraries' own pages.)
     python benchmarks/bench_meta_step.py                     # resnet18, 64 + 8 samples of 3x32x32, 20 rounds
     python benchmarks/bench_meta_step.py --ops               # and where the time goes, by convolution kernel
     python benchmarks/bench_meta_step.py --threads 2 --json  # one JSON object on stdout
+    python benchmarks/bench_meta_step.py --hvp_modes         # and the work of a Hessian-vector product, both AD modes
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 os.environ.setdefault('TORCH_CPP_LOG_LEVEL', 'ERROR')  # the profiler warns about frees of pre-existing tensors
@@ -52,6 +62,7 @@ from torch import nn  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lrwa_plugin.meta import RetainWhileAcquire  # noqa: E402
 
@@ -83,6 +94,9 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument('--no_memory', action='store_true', help='skip the memory measurement')
     parser.add_argument('--ops', action='store_true',
                         help='also profile one step per variant: calls and CPU time of the convolution kernels')
+    parser.add_argument('--hvp_modes', action='store_true',
+                        help='also count the work of one gradient of L_Acq and of one Hessian-vector product of '
+                             'L_Acq, reverse-over-reverse and forward-over-reverse (torch.func)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--json', action='store_true', help='print one JSON object instead of the table')
     return parser
@@ -168,6 +182,48 @@ def peak_step_bytes(step: Step, optimizer: torch.optim.Optimizer) -> int:
     return peak
 
 
+def step_flops(step: Step, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Floating-point operations of one ``step`` (matrix products and convolutions; see the module docstring): the
+    total, and those of convolution kernels and of convolution backward kernels (as :func:`op_breakdown` splits)."""
+    optimizer.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    by_op = {str(op): count for op, count in counter.get_flop_counts()['Global'].items()}
+    return {'total': counter.get_total_flops(), 'convolution': by_op.get('aten.convolution', 0),
+            'convolution_backward': by_op.get('aten.convolution_backward', 0)}
+
+
+def hvp_work(student: nn.Module, batches: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Operations of one gradient of L_Acq and of one Hessian-vector product H·v of L_Acq, computed both ways autodiff
+    offers: reverse-over-reverse (backward of the ``create_graph`` backward, as both backends do) and
+    forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``). Each H·v count excludes its gradient."""
+    model = copy.deepcopy(student)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    tangent = {name: torch.randn_like(p) for name, p in params.items()}
+
+    def acquire(p: dict[str, torch.Tensor]) -> torch.Tensor:  # buffers are copies: torch.func may not mutate captures
+        return F.l1_loss(torch.func.functional_call(model, (p, {k: b.clone() for k, b in buffers.items()}),
+                                                    (batches['x'],)), batches['t'])
+
+    def reverse_over_reverse() -> None:
+        leaves = {name: p.clone().requires_grad_() for name, p in params.items()}
+        grads = torch.autograd.grad(acquire(leaves), list(leaves.values()), create_graph=True)
+        torch.autograd.grad(grads, list(leaves.values()), grad_outputs=list(tangent.values()))
+
+    def count(fn: Callable[[], object]) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    gradient = count(lambda: torch.func.grad(acquire)(params))
+    with warnings.catch_warnings():  # torch's forward-mode AD scripts its own decompositions on first use
+        warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
+        forward_over_reverse = count(lambda: torch.func.jvp(torch.func.grad(acquire), (params,), (tangent,)))
+    return {'gradient': gradient, 'hvp_reverse_over_reverse': count(reverse_over_reverse) - gradient,
+            'hvp_forward_over_reverse': forward_over_reverse - gradient}
+
+
 def op_breakdown(step: Step, optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """One profiled step: calls and self CPU seconds of convolutions (forward kernels, also those run inside a
     double backward), of convolution backward kernels, and of everything else."""
@@ -230,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_times[variant].append(elapsed_cpu)
         order = order[1:] + order[:1]
 
+    flop_counts = {v: step_flops(steps[v], optimizers[v]) for v in args.variants}
+    flops = {v: counts['total'] for v, counts in flop_counts.items()}
     peaks = {} if args.no_memory else {v: peak_step_bytes(steps[v], optimizers[v]) for v in args.variants}
+    hvp = hvp_work(student, batches) if args.hvp_modes else {}
     ops = {v: op_breakdown(steps[v], optimizers[v]) for v in args.variants} if args.ops else {}
     medians = {v: statistics.median(times[v]) for v in args.variants}
     cpu = {v: statistics.median(cpu_times[v]) for v in args.variants}
@@ -238,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         'variants': {v: {'median_s': medians[v], 'ratio_to_' + base: medians[v] / medians[base],
                          'median_cpu_s': cpu[v], 'cpu_ratio_to_' + base: cpu[v] / cpu[base],
+                         'flops': flops[v], 'flops_ratio_to_' + base: flops[v] / flops[base],
+                         'flops_by_kernel': flop_counts[v],
                          'peak_bytes': peaks.get(v),
                          'peak_ratio_to_' + base: peaks[v] / peaks[base] if peaks else None,
                          'times_s': times[v], 'cpu_times_s': cpu_times[v], 'description': DESCRIPTIONS[v],
@@ -247,8 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                      'acq_batch': args.acq_batch, 'mem_batch': args.mem_batch, 'alpha': args.alpha,
                      'threads': torch.get_num_threads(), 'steps': args.steps, 'warmup': args.warmup,
                      'torch': torch.__version__, 'higher': getattr(higher, '__version__', 'unknown'),
+                     'flop_counter': 'torch.utils.flop_counter.FlopCounterMode, one step',
                      'memory_tool': 'torch.profiler profile_memory=True (CPU allocator events), peak over one step',
                      'grad_rel_diff_higher_vs_functional': agreement},
+        **({'hvp_flops': hvp} if hvp else {}),
     }
     if args.json:
         print(json.dumps(result, indent=1))
@@ -257,27 +320,39 @@ def main(argv: list[str] | None = None) -> int:
           f'{args.acq_batch} + memory {args.mem_batch} samples of {"x".join(map(str, shape))}, '
           f'{torch.get_num_threads()} thread(s), median of {args.steps} interleaved rounds after {args.warmup} '
           f'warm-up; torch {torch.__version__}')
-    print(f'{"variant":<16} {"wall ms":>8} {"× " + base:>7} {"CPU ms":>8} {"× " + base:>7} {"peak MiB":>8} '
-          f'{"× " + base:>7}  what')
+    print(f'{"variant":<16} {"wall ms":>8} {"× " + base:>7} {"CPU ms":>8} {"× " + base:>7} {"GFLOP":>6} '
+          f'{"× " + base:>7} {"peak MiB":>8} {"× " + base:>7}  what')
     for v in args.variants:
         peak = '' if not peaks else f'{peaks[v] / 2**20:8.1f} {peaks[v] / peaks[base]:7.2f}'
         print(f'{v:<16} {medians[v] * 1e3:8.1f} {medians[v] / medians[base]:7.2f} {cpu[v] * 1e3:8.1f} '
-              f'{cpu[v] / cpu[base]:7.2f} {peak:>16}  {DESCRIPTIONS[v]}')
+              f'{cpu[v] / cpu[base]:7.2f} {flops[v] / 1e9:6.2f} {flops[v] / flops[base]:7.2f} {peak:>16}  '
+              f'{DESCRIPTIONS[v]}')
     print('wall: perf_counter; CPU: process_time (this process only: steadier than wall time on a shared machine)')
+    print('GFLOP: one step counted by torch.utils.flop_counter.FlopCounterMode (the work; machine-independent)')
     if peaks:
         print('peak: tensor bytes allocated during one step over those held before it (torch.profiler, '
               'profile_memory)')
     print(f'second-order gradients, higher vs functional: relative difference {agreement:.1e}')
+    if hvp:
+        print(f'\nL_Acq on the acquisition batch: gradient {hvp["gradient"] / 1e9:.2f} GFLOP; Hessian-vector product '
+              f'on top of it {hvp["hvp_reverse_over_reverse"] / 1e9:.2f} GFLOP reverse-over-reverse, '
+              f'{hvp["hvp_forward_over_reverse"] / 1e9:.2f} GFLOP forward-over-reverse '
+              f'(× gradient: {hvp["hvp_reverse_over_reverse"] / hvp["gradient"]:.2f}, '
+              f'{hvp["hvp_forward_over_reverse"] / hvp["gradient"]:.2f})')
     if ops:
         print('\none profiled step (self CPU time):')
-        print(f'{"variant":<16} {"convs":>6} {"conv ms":>8} {"conv bwd":>9} {"bwd ms":>8} {"other ms":>9} '
-              f'{"total ms":>9}')
+        print(f'{"variant":<16} {"convs":>6} {"conv ms":>8} {"GFLOP/s":>8} {"conv bwd":>9} {"bwd ms":>8} '
+              f'{"GFLOP/s":>8} {"other ms":>9} {"total ms":>9}')
         for v in args.variants:
-            o = ops[v]
-            print(f'{v:<16} {o["conv_calls"]:6d} {o["conv_s"] * 1e3:8.1f} {o["conv_backward_calls"]:9d} '
-                  f'{o["conv_backward_s"] * 1e3:8.1f} {o["other_s"] * 1e3:9.1f} {o["total_s"] * 1e3:9.1f}')
+            o, counts = ops[v], flop_counts[v]
+            print(f'{v:<16} {o["conv_calls"]:6d} {o["conv_s"] * 1e3:8.1f} '
+                  f'{counts["convolution"] / o["conv_s"] / 1e9:8.1f} {o["conv_backward_calls"]:9d} '
+                  f'{o["conv_backward_s"] * 1e3:8.1f} '
+                  f'{counts["convolution_backward"] / o["conv_backward_s"] / 1e9:8.1f} '
+                  f'{o["other_s"] * 1e3:9.1f} {o["total_s"] * 1e3:9.1f}')
         print('convs: convolution kernels run as such (forwards, and inside the double backward of a convolution); '
-              'conv bwd: convolution backward kernels (input and weight gradients)')
+              'conv bwd: convolution backward kernels (input and weight gradients); GFLOP/s: their counted '
+              'operations over their self CPU time')
     return 0
 
 

@@ -1,0 +1,51 @@
+"""The step benchmark runs and reports what the speed issue asks for; its work counts (not its times) are checked.
+
+Nothing here asserts on wall-clock time: floating-point operation counts are machine-independent.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope='module')
+def bench_meta_step():
+    spec = importlib.util.spec_from_file_location('bench_meta_step', ROOT / 'benchmarks' / 'bench_meta_step.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_meta_step_json(bench_meta_step, capsys):
+    assert bench_meta_step.main(['--img_size', '16', '--acq_batch', '8', '--mem_batch', '2', '--steps', '1',
+                                 '--warmup', '0', '--threads', '1', '--hvp_modes', '--json']) == 0
+    result = json.loads(capsys.readouterr().out)
+    variants = result['variants']
+    assert list(variants) == ['plain', 'released', 'lrwa_higher', 'lrwa_functional', 'lrwa_first']
+    for name, variant in variants.items():
+        assert variant['median_s'] > 0 and variant['peak_bytes'] > 0 and variant['flops'] > 0, name
+    settings = result['settings']
+    assert (settings['model'], settings['acq_batch'], settings['mem_batch'], settings['threads']) == \
+        ('resnet18', 8, 2, 1)
+    assert settings['grad_rel_diff_higher_vs_functional'] == 0.0
+
+    flops = {name: variant['flops'] for name, variant in variants.items()}
+    # first order: exactly the plain step's arithmetic (∇L_Acq(θ) reused, one backward of L_Ret at θ')
+    assert flops['lrwa_first'] == flops['plain']
+    # both backends run the same arithmetic; the Hessian-vector product costs two more gradients of L_Acq,
+    # and nothing beyond it: the released pattern adds a whole extra joint forward and backward on top
+    assert flops['lrwa_higher'] == flops['lrwa_functional']
+    assert 2.0 * flops['plain'] < flops['lrwa_higher'] < 3.0 * flops['plain']
+    assert flops['released'] == pytest.approx(flops['lrwa_higher'] + flops['plain'], rel=0.02)
+    # the second-order step keeps its memory below the released pattern's
+    assert variants['lrwa_higher']['peak_bytes'] < variants['released']['peak_bytes']
+
+    # the floor under the second-order step: in either autodiff mode H·v costs about two gradients
+    hvp = result['hvp_flops']
+    for mode in ('hvp_reverse_over_reverse', 'hvp_forward_over_reverse'):
+        assert 1.8 * hvp['gradient'] < hvp[mode] < 2.2 * hvp['gradient'], mode
