@@ -182,12 +182,18 @@ def peak_step_bytes(step: Step, optimizer: torch.optim.Optimizer) -> int:
     return peak
 
 
+def counted(fn: Callable[[], object]) -> FlopCounterMode:
+    """Runs ``fn`` once under a ``FlopCounterMode`` and returns the counter (matrix products and convolutions)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter
+
+
 def step_flops(step: Step, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Floating-point operations of one ``step`` (matrix products and convolutions; see the module docstring): the
     total, and those of convolution kernels and of convolution backward kernels (as :func:`op_breakdown` splits)."""
     optimizer.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as counter:
-        step()
+    counter = counted(step)
     by_op = {str(op): count for op, count in counter.get_flop_counts()['Global'].items()}
     return {'total': counter.get_total_flops(), 'convolution': by_op.get('aten.convolution', 0),
             'convolution_backward': by_op.get('aten.convolution_backward', 0)}
@@ -211,17 +217,13 @@ def hvp_work(student: nn.Module, batches: dict[str, torch.Tensor]) -> dict[str, 
         grads = torch.autograd.grad(acquire(leaves), list(leaves.values()), create_graph=True)
         torch.autograd.grad(grads, list(leaves.values()), grad_outputs=list(tangent.values()))
 
-    def count(fn: Callable[[], object]) -> int:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops()
-
-    gradient = count(lambda: torch.func.grad(acquire)(params))
+    gradient = counted(lambda: torch.func.grad(acquire)(params)).get_total_flops()
     with warnings.catch_warnings():  # torch's forward-mode AD scripts its own decompositions on first use
         warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
-        forward_over_reverse = count(lambda: torch.func.jvp(torch.func.grad(acquire), (params,), (tangent,)))
-    return {'gradient': gradient, 'hvp_reverse_over_reverse': count(reverse_over_reverse) - gradient,
-            'hvp_forward_over_reverse': forward_over_reverse - gradient}
+        forward_over_reverse = counted(lambda: torch.func.jvp(torch.func.grad(acquire), (params,), (tangent,)))
+    return {'gradient': gradient,
+            'hvp_reverse_over_reverse': counted(reverse_over_reverse).get_total_flops() - gradient,
+            'hvp_forward_over_reverse': forward_over_reverse.get_total_flops() - gradient}
 
 
 def op_breakdown(step: Step, optimizer: torch.optim.Optimizer) -> dict[str, float]:

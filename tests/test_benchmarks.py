@@ -45,7 +45,9 @@ def test_meta_step_json(bench_meta_step, capsys):
     # the second-order step keeps its memory below the released pattern's
     assert variants['lrwa_higher']['peak_bytes'] < variants['released']['peak_bytes']
 
-    # the floor under the second-order step: in either autodiff mode H·v costs about two gradients
+    # the floor under the second-order step: it is the plain step's work plus one H·v (reverse-over-reverse, as
+    # both backends compute it) and nothing more, and in neither autodiff mode does H·v cost less than two gradients
     hvp = result['hvp_flops']
+    assert flops['lrwa_higher'] == flops['plain'] + hvp['hvp_reverse_over_reverse']
     for mode in ('hvp_reverse_over_reverse', 'hvp_forward_over_reverse'):
-        assert 1.8 * hvp['gradient'] < hvp[mode] < 2.2 * hvp['gradient'], mode
+        assert 2.0 * hvp['gradient'] <= hvp[mode] < 2.2 * hvp['gradient'], mode

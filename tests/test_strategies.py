@@ -21,6 +21,16 @@ def grads(net):
     return torch.cat([p.grad.flatten() for p in net.parameters()])
 
 
+def assert_joint_gradient(key: str) -> None:
+    """The strategy ``key`` fills the gradient of L_Acq + L_Ret at θ and reports both losses."""
+    net, acquire, retain = setup()
+    losses = get_strategy(key).backward(net, acquire, retain)
+    g_joint = grads(net)
+    net.zero_grad()
+    (acquire(net) + retain(net)).backward()
+    assert torch.allclose(g_joint, grads(net)) and set(losses) == {'acq', 'ret'}
+
+
 def test_dfad_is_acquisition_only_and_mb_dfkd_is_the_joint_gradient():
     net, acquire, retain = setup()
     get_strategy('dfad').backward(net, acquire, retain)
@@ -29,12 +39,7 @@ def test_dfad_is_acquisition_only_and_mb_dfkd_is_the_joint_gradient():
     acquire(net).backward()
     assert torch.equal(g_dfad, grads(net))
 
-    net, acquire, retain = setup()
-    losses = get_strategy('mb_dfkd').backward(net, acquire, retain)
-    g_joint = grads(net)
-    net.zero_grad()
-    (acquire(net) + retain(net)).backward()
-    assert torch.allclose(g_joint, grads(net)) and set(losses) == {'acq', 'ret'}
+    assert_joint_gradient('mb_dfkd')
 
 
 def test_lrwa_uses_the_meta_step_and_falls_back_to_acquisition_without_memory():
@@ -61,12 +66,7 @@ def test_meta_is_only_for_lrwa_and_unknown_strategies_list_the_known_ones():
 
 
 def test_pre_dfkd_is_the_joint_gradient_and_each_strategy_names_its_replay_memories():
-    net, acquire, retain = setup()
-    losses = get_strategy('pre_dfkd').backward(net, acquire, retain)
-    g = grads(net)
-    net.zero_grad()
-    (acquire(net) + retain(net)).backward()
-    assert torch.allclose(g, grads(net)) and set(losses) == {'acq', 'ret'}
+    assert_joint_gradient('pre_dfkd')
     kinds = {key: get_strategy(key, **({'meta': {'alpha': 0.5}} if key == 'lrwa' else {})).replay_kinds
              for key in ('dfad', 'mb_dfkd', 'pre_dfkd', 'lrwa')}
     assert kinds == {'dfad': (), 'mb_dfkd': ('MemoryBank',), 'pre_dfkd': ('GenerativeReplay',),
