@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .evolution import DEFINITION, evolution_path, plot_evolution, summarise, summary_markdown
 
-RUNNER = Path(__file__).resolve().parent.parent / 'examples' / 'run_torchdistill.py'
+#: The runner every run is a process of: the installed package's command line (``python -m lrwa_plugin``).
+RUNNER = ('-m', 'lrwa_plugin')
 
 
 def get_argparser() -> argparse.ArgumentParser:
@@ -29,18 +30,20 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     parser.add_argument('--out', required=True, help='output directory')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--runner', default=str(RUNNER), help='the runner script (examples/run_torchdistill.py)')
+    parser.add_argument('--runner', help='a runner script to use instead of python -m lrwa_plugin '
+                                         '(e.g. examples/run_torchdistill.py)')
     return parser
 
 
-def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str) -> dict:
+def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str | None = None) -> dict:
     """Runs one config with one seed in a subprocess unless it finished before; returns its result record."""
     result_path = run_dir / 'result.json'
     if result_path.is_file():
         return json.loads(result_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, runner, '--config', str(config), '--seed', str(seed), '--device', device,
-               '--dst_ckpt', str(run_dir / 'student.pt'), '--run_log', str(run_dir / 'log.txt'), '-no_progress']
+    command = [sys.executable, *((runner,) if runner else RUNNER), '--config', str(config), '--seed', str(seed),
+               '--device', device, '--dst_ckpt', str(run_dir / 'student.pt'), '--run_log', str(run_dir / 'log.txt'),
+               '-no_progress']
     start = time.time()
     with open(run_dir / 'stdout.txt', 'w') as out:
         status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
@@ -51,7 +54,7 @@ def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str) ->
 
 
 def compare(configs: Sequence[str | Path], seeds: Sequence[int], out: str | Path, device: str = 'cpu',
-            runner: str = str(RUNNER)) -> dict:
+            runner: str | None = None) -> dict:
     """Runs every config with every seed, then writes the summary files; returns the summary."""
     out = Path(out)
     evolutions: dict[str, list[dict]] = {}

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torchdistill.common.constant import def_logger
 
+from .errors import ConfigError
+
 logger = def_logger.getChild(__name__)
 
 #: Bucket size of the gradient all-reduce (the default of ``DistributedDataParallel``).
@@ -60,13 +62,13 @@ def init_distributed(world_size: int, dist_url: str, device: torch.device) -> Wo
     """
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
         if world_size != 1:
-            raise ValueError(f'--world_size: {world_size} processes asked for, but RANK/WORLD_SIZE are not set; start '
-                             f'the run with torchrun --nproc_per_node {world_size} ...')
+            raise ConfigError('--world_size', f'{world_size} processes asked for, but RANK/WORLD_SIZE are not set; '
+                                              f'start the run with torchrun --nproc_per_node {world_size} ...')
         return World()
     rank, size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
     local_rank = int(os.environ.get('LOCAL_RANK', rank))
     if world_size not in (1, size):
-        raise ValueError(f'--world_size: {world_size} does not match torchrun\'s WORLD_SIZE={size}')
+        raise ConfigError('--world_size', f"{world_size} does not match torchrun's WORLD_SIZE={size}")
     if size == 1:
         return World()
     if device.type == 'cuda':

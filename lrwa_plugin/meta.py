@@ -8,16 +8,28 @@ loss is taken *after* a virtual SGD step on the acquisition loss, so that the up
 also one that retains the old::
 
     J(θ) = L_Acq(θ) + L_Ret(θ'),    θ' = θ − α ∇L_Acq(θ)
-    ∇J(θ) = ∇L_Acq(θ) + (I − α H_Acq(θ)) ∇L_Ret(θ')
+    ∇J(θ) = ∇L_Acq(θ) + (I − α H_Acq(θ)) v,    v = ∇L_Ret(θ')
 
-``order='first'`` drops the Hessian term and uses ``∇L_Acq(θ) + ∇_θ' L_Ret(θ')``.
+Orders (``order``):
+
+* ``'second'``: the exact gradient; ``H_Acq v`` by differentiating the kept graph of ``∇L_Acq`` (reverse over
+  reverse), about two more gradients of L_Acq of work;
+* ``'first'``: drops the Hessian term, ``∇L_Acq(θ) + v``: the plain step's work;
+* ``'finite_difference'``: ``H_Acq v ≈ [∇L_Acq(θ + εv) − ∇L_Acq(θ)] / ε`` with ``ε = fd_eps / ‖v‖`` (the
+  approximation of DARTS, Liu, Simonyan, Yang, ICLR 2019, whose ``fd_eps`` default 0.01 is kept): one more
+  gradient of L_Acq instead of two, no graph kept through the inner step. The trade: the one-sided difference has an
+  error of order ``ε ‖v‖² · ‖∇³L_Acq‖`` in ``H v`` (it shrinks linearly with ``fd_eps``, tests/test_meta.py), and a
+  third forward of the acquisition batch, at ``θ + εv``, which must not move the student: its BatchNorm running
+  statistics are restored after it and its torchdistill I/O dict is its own.
 
 In a torchdistill YAML config::
 
     meta:
-      alpha: 0.9
-      backend: higher     # or: functional
-      order: second       # or: first
+      alpha: 0.9            # or alpha_per_lr: 1.0 (the lrwa strategy: α = c × the student's learning rate)
+      backend: higher       # or: functional
+      order: second         # or: first, finite_difference
+      inner_bn: update      # or: keep
+      fd_eps: 0.01          # order finite_difference only
 
 and in code (usable without torchdistill)::
 
@@ -27,18 +39,19 @@ and in code (usable without torchdistill)::
                         retain=lambda model: crit(model(x_m), t_m))
     # adds ∇J(θ) into student's .grad like .backward() would; the returned losses are detached.
 
-``acquire`` is called once with a module-like callable running the student at θ, ``retain`` once with one running it
-at θ'. Both backends leave the student's buffers (BatchNorm statistics) as a plain forward of the acquisition batch
-at θ followed by a plain forward of the memory batch at θ' would, and fire the student's forward (pre-)hooks in both
-forwards, so torchdistill's io_dict is filled each time.
+``acquire`` is called with a module-like callable running the student at θ (and, finite difference, once more at
+``θ + εv``), ``retain`` once with one running it at θ'. Both backends fire the student's forward (pre-)hooks in every
+forward, so torchdistill's io_dict is filled each time.
+
+BatchNorm running statistics (``inner_bn``): with ``'update'`` they end as a plain forward of the acquisition batch at
+θ followed by a plain forward of the memory batch at θ' would leave them; with ``'keep'`` the θ' forward leaves them
+as they were, so only the acquisition batch at θ moves them.
 
 Cost. ``∇L_Acq(θ)`` is backpropagated once and reused as the inner step's direction and as the first term of ∇J; the
-acquisition batch has one forward. Second order adds what the exact Hessian-vector product needs: the graph of that
-backward is kept and differentiated again (for a convolution, the backward of its backward is about four more
-convolutions, plus a second backward through the acquisition forward). First order adds only the small memory
-forward and backward at θ'. A :class:`RetainWhileAcquire` builds what can be built once per student (parameter
-lists, higher's patched module) on its first call and reuses it while the student's modules, parameters and buffers
-are the same objects; the functional form :func:`retain_while_acquire` builds them on every call.
+acquisition batch has one forward (finite difference: two). A :class:`RetainWhileAcquire` builds what can be built once
+per student (parameter lists, higher's patched module) on its first call and reuses it while the student's modules,
+parameters and buffers are the same objects; the functional form :func:`retain_while_acquire` builds them on every
+call.
 
 The copy_initial_weights pitfall: ``higher.innerloop_ctx`` and ``higher.monkeypatch`` by default set
 ``copy_initial_weights`` to True, which makes the fast weights *detached copies* of the student's parameters.
@@ -52,8 +65,6 @@ gradient all-reduce is not prepared; the caller must synchronise the gradients.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -63,10 +74,15 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ['BACKENDS', 'ORDERS', 'RetainWhileAcquire', 'retain_while_acquire']
+from .util import finite_number, one_of, unwrap
+
+__all__ = ['BACKENDS', 'ORDERS', 'INNER_BN', 'RetainWhileAcquire', 'retain_while_acquire']
 
 BACKENDS: tuple[str, ...] = ('higher', 'functional')
-ORDERS: tuple[str, ...] = ('second', 'first')
+ORDERS: tuple[str, ...] = ('second', 'first', 'finite_difference')
+INNER_BN: tuple[str, ...] = ('update', 'keep')
+#: ``fd_eps`` default: DARTS' ``0.01 / ‖v‖`` (Liu, Simonyan, Yang, ICLR 2019).
+DEFAULT_FD_EPS = 0.01
 
 LossFn = Callable[[Callable[..., Any]], torch.Tensor]
 """A loss closure: receives a module-like callable (``model(x)``) and returns a scalar loss."""
@@ -82,31 +98,32 @@ class RetainWhileAcquire:
     parameters, buffers or trainable set change.
 
     Args:
-        alpha: step size of the virtual SGD step; finite and > 0.
+        alpha: step size of the virtual SGD step; finite and > 0. None: every call passes its own ``alpha``.
         backend: ``'higher'`` (higher's patched module) or ``'functional'`` (``torch.func.functional_call``).
-        order: ``'second'`` for the exact gradient, ``'first'`` to drop the Hessian term.
+        order: ``'second'`` (exact), ``'first'`` (no Hessian term) or ``'finite_difference'`` (see the module
+            docstring).
+        inner_bn: ``'update'`` or ``'keep'``: whether the θ' forward moves the BatchNorm running statistics.
+        fd_eps: ``ε = fd_eps / ‖v‖`` of ``order='finite_difference'``; finite and > 0.
 
     Raises:
         ValueError: if an argument is out of range; the message names the argument.
     """
 
-    def __init__(self, alpha: float, backend: str = 'higher', order: str = 'second') -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f'meta alpha must be a finite number > 0, got {alpha!r} ({type(alpha).__name__})')
-        if backend not in BACKENDS:
-            raise ValueError(f'meta backend must be one of {", ".join(map(repr, BACKENDS))}, got {backend!r}')
-        if order not in ORDERS:
-            raise ValueError(f'meta order must be one of {", ".join(map(repr, ORDERS))}, got {order!r}')
-        self.alpha = float(alpha)
-        self.backend = backend
-        self.order = order
+    def __init__(self, alpha: float | None = None, backend: str = 'higher', order: str = 'second',
+                 inner_bn: str = 'update', fd_eps: float = DEFAULT_FD_EPS) -> None:
+        self.alpha = None if alpha is None else finite_number('meta', 'alpha', alpha, low=0)
+        self.backend = one_of('meta', 'backend', backend, BACKENDS)
+        self.order = one_of('meta', 'order', order, ORDERS)
+        self.inner_bn = one_of('meta', 'inner_bn', inner_bn, INNER_BN)
+        self.fd_eps = finite_number('meta', 'fd_eps', fd_eps, low=0)
         self._state: _StudentState | None = None
 
     def __repr__(self) -> str:
-        return f'{type(self).__name__}(alpha={self.alpha}, backend={self.backend!r}, order={self.order!r})'
+        return (f'{type(self).__name__}(alpha={self.alpha}, backend={self.backend!r}, order={self.order!r}, '
+                f'inner_bn={self.inner_bn!r}, fd_eps={self.fd_eps})')
 
     def __call__(
-        self, student: nn.Module, acquire: LossFn, retain: LossFn | None = None
+        self, student: nn.Module, acquire: LossFn, retain: LossFn | None = None, alpha: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Performs the meta gradient computation and accumulates it into ``.grad``.
 
@@ -114,24 +131,37 @@ class RetainWhileAcquire:
             student: the student, possibly wrapped in ``DataParallel`` / ``DistributedDataParallel``.
             acquire: loss closure on the acquisition batch, run at θ.
             retain: loss closure on the memory batch, run at θ'; ``None`` accumulates only ∇L_Acq(θ).
+            alpha: this step's α (finite, >= 0: α = 0 evaluates L_Ret at θ), instead of the one given at construction.
 
         Returns:
             ``(l_acq, l_ret)``, detached; ``l_ret`` is ``None`` when ``retain`` is ``None``.
         """
-        module = _unwrap(student)
+        if alpha is None:
+            if self.alpha is None:
+                raise ValueError('meta: no alpha: give it when building RetainWhileAcquire or with every call')
+            alpha = self.alpha
+        else:
+            alpha = finite_number('meta', 'alpha', alpha, low=0, low_open=False)
+        module = unwrap(student)
         state = self._state_for(module, patched=retain is not None and self.backend == 'higher')
         params = state.trainable
         if not params:
             raise ValueError('meta student has no parameter with requires_grad=True')
-        second_order = self.order == 'second'
         # The caller may sit in a no_grad evaluation context; the step needs a graph regardless.
         with torch.enable_grad():
             if retain is None:
                 l_acq = acquire(module)
                 torch.autograd.backward(l_acq, inputs=params)
                 return l_acq.detach(), None
-            step = _step_higher if self.backend == 'higher' else _step_functional
-            l_acq, l_ret, g_acq = step(state, acquire, retain, self.alpha, second_order)
+            evaluator = _Evaluator(state, self.backend)
+            with evaluator.active():
+                if self.order == 'finite_difference':
+                    l_acq, l_ret, totals = _finite_difference_step(evaluator, acquire, retain, alpha, self.fd_eps,
+                                                                   self.inner_bn == 'keep')
+                    torch.autograd.backward(params, totals)  # accumulated into .grad as .backward() would
+                    return l_acq.detach(), l_ret.detach()
+                l_acq, l_ret, g_acq = _exact_step(evaluator, acquire, retain, alpha, self.order == 'second',
+                                                  self.inner_bn == 'keep')
             # ∇L_Ret through θ' (to θ' only, or on through the inner step) plus the reused ∇L_Acq(θ), summed and
             # accumulated into .grad by autograd itself, exactly as .backward() accumulates.
             present = [(p, g.detach()) for p, g in zip(params, g_acq) if g is not None]
@@ -155,42 +185,113 @@ def retain_while_acquire(
     alpha: float = 0.9,
     backend: str = 'higher',
     order: str = 'second',
+    inner_bn: str = 'update',
+    fd_eps: float = DEFAULT_FD_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Functional form of :class:`RetainWhileAcquire`: ``RetainWhileAcquire(alpha, backend, order)(...)``.
+    """Functional form of :class:`RetainWhileAcquire`: ``RetainWhileAcquire(alpha, backend, order, ...)(...)``.
 
     It builds the per-student state on every call; to reuse it across steps, build a :class:`RetainWhileAcquire`
     once and call it.
     """
-    return RetainWhileAcquire(alpha, backend=backend, order=order)(student, acquire, retain)
+    return RetainWhileAcquire(alpha, backend=backend, order=order, inner_bn=inner_bn, fd_eps=fd_eps)(
+        student, acquire, retain)
 
 
-def _step_higher(
-    state: _StudentState, acquire: LossFn, retain: LossFn, alpha: float, second_order: bool
+class _Evaluator:
+    """Runs the student at θ (its own parameters) or at other values of its trainable parameters, per backend.
+
+    ``higher``: the patched module, handed each set of fast weights (and θ again when the step ends), with the
+    student's forward hooks mirrored onto it while :meth:`active`. ``functional``: the student itself at θ, and
+    ``torch.func.functional_call`` with the substituted trainable parameters elsewhere (buffers and hooks are the
+    student's own, so both behave as in a plain forward).
+    """
+
+    def __init__(self, state: _StudentState, backend: str) -> None:
+        self.state = state
+        self.higher = backend == 'higher'
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        if not self.higher:
+            yield
+            return
+        with _mirrored_forward_hooks(self.state.module_pairs):
+            try:
+                yield
+            finally:
+                # Back to θ, so the cached module keeps neither θ' nor the graph behind it.
+                self.state.fmodel.update_params(self.state.params)
+
+    def at(self, trainable: list[torch.Tensor] | None = None) -> Callable[..., Any]:
+        """The student at θ (``None``) or with its trainable parameters replaced by ``trainable``."""
+        state = self.state
+        if self.higher:
+            state.fmodel.update_params(state.params if trainable is None else state.all_with_trainable(trainable))
+            return state.fmodel
+        if trainable is None:
+            return state.module
+        return _FunctionalModel(state.module, dict(zip(state.trainable_names, trainable)))
+
+
+def _exact_step(
+    evaluator: _Evaluator, acquire: LossFn, retain: LossFn, alpha: float, second_order: bool, keep_bn: bool
 ) -> tuple[torch.Tensor, torch.Tensor, Grads]:
-    """The step through higher's patched module; returns both losses and ∇L_Acq(θ) (with its graph if second order)."""
-    fmodel = state.fmodel
+    """Orders second and first: both losses and ∇L_Acq(θ) (with its graph kept when second order)."""
+    params = evaluator.state.trainable
+    l_acq = acquire(evaluator.at())
+    g_acq = _acquisition_grads(l_acq, params, second_order)
+    fast = _inner_step(params, g_acq, alpha, second_order)
+    with _buffers_kept(evaluator.state.module, keep_bn):
+        l_ret = retain(evaluator.at(fast))
+    return l_acq, l_ret, g_acq
+
+
+def _finite_difference_step(
+    evaluator: _Evaluator, acquire: LossFn, retain: LossFn, alpha: float, fd_eps: float, keep_bn: bool
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Order finite_difference: both losses and the whole gradient ``g + v − α [∇L_Acq(θ + εv) − g] / ε``."""
+    state = evaluator.state
     params = state.trainable
-    with _mirrored_forward_hooks(state.module_pairs):
-        l_acq = acquire(fmodel)  # the patched module runs the student's own parameters: θ
-        g_acq = _acquisition_grads(l_acq, params, second_order)
-        fmodel.update_params(state.all_with_trainable(_inner_step(params, g_acq, alpha, second_order)))
-        try:
-            l_ret = retain(fmodel)
-        finally:
-            # Back to θ, so the cached module keeps neither θ' nor the graph behind it.
-            fmodel.update_params(state.params)
-    return l_acq, l_ret, g_acq
+    l_acq = acquire(evaluator.at())
+    g = _dense(params, _acquisition_grads(l_acq, params, second_order=False))
+    with torch.no_grad():
+        fast = [t.requires_grad_() for t in _inner_step(params, g, alpha, second_order=False)]
+    with _buffers_kept(state.module, keep_bn):
+        l_ret = retain(evaluator.at(fast))
+    v = _dense(fast, list(torch.autograd.grad(l_ret, fast, allow_unused=True)))
+    norm = float(torch.nn.utils.get_total_norm(v))
+    if norm > 0:
+        eps = fd_eps / norm
+        shifted = [t.requires_grad_() for t in torch._foreach_add([p.detach() for p in params], v, alpha=eps)]
+        # The extra forward only measures the slope: the student's running statistics stay as they were.
+        with _buffers_kept(state.module, True):
+            l_shifted = acquire(evaluator.at(shifted))
+        g_shifted = _dense(shifted, list(torch.autograd.grad(l_shifted, shifted, allow_unused=True)))
+        hv = torch._foreach_div(torch._foreach_sub(g_shifted, g), eps)
+        totals = torch._foreach_add(torch._foreach_add(g, v), hv, alpha=-alpha)
+    else:  # nothing to retain: no slope to measure
+        totals = torch._foreach_add(g, v)
+    return l_acq, l_ret, list(totals)
 
 
-def _step_functional(
-    state: _StudentState, acquire: LossFn, retain: LossFn, alpha: float, second_order: bool
-) -> tuple[torch.Tensor, torch.Tensor, Grads]:
-    """The step through ``torch.func.functional_call``; returns both losses and ∇L_Acq(θ)."""
-    l_acq = acquire(state.module)
-    g_acq = _acquisition_grads(l_acq, state.trainable, second_order)
-    fast = _inner_step(state.trainable, g_acq, alpha, second_order)
-    l_ret = retain(_FunctionalModel(state.module, dict(zip(state.trainable_names, fast))))
-    return l_acq, l_ret, g_acq
+def _dense(params: Sequence[torch.Tensor], grads: Grads) -> list[torch.Tensor]:
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+
+
+@contextmanager
+def _buffers_kept(module: nn.Module, keep: bool) -> Iterator[None]:
+    """With ``keep``, the module's buffers (BatchNorm running statistics) are put back as they were on exit."""
+    if not keep:
+        yield
+        return
+    buffers = list(module.buffers())
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, saved)
 
 
 def _acquisition_grads(l_acq: torch.Tensor, params: Sequence[torch.Tensor], second_order: bool) -> Grads:
@@ -333,9 +434,3 @@ def _mirrored_forward_hooks(module_pairs: Sequence[tuple[nn.Module, nn.Module]])
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _unwrap(student: nn.Module) -> nn.Module:
-    if isinstance(student, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return student.module
-    return student

@@ -3,6 +3,7 @@
 torchdistill already has registries for models, losses, optimizers and datasets, and the plugin uses those for its
 generators, networks and losses. What torchdistill lacks is a place for *strategies* (how the student gradient is
 formed) and *replay memories*; they live here. Unknown keys raise a ``ValueError`` that lists the known ones.
+Registering a class sets its ``key`` attribute to the registered key, so a component states its key once.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ REPLAY_DICT: dict[str, Callable[..., Any]] = {}
 
 def _register(registry: dict[str, Callable[..., Any]], arg: Any = None, key: str | None = None):
     def _do(cls_or_func: Callable[..., Any]) -> Callable[..., Any]:
-        registry[key or cls_or_func.__name__] = cls_or_func
+        name = key or cls_or_func.__name__
+        registry[name] = cls_or_func
+        if isinstance(cls_or_func, type):
+            cls_or_func.key = name
         return cls_or_func
 
     if callable(arg):
@@ -35,6 +39,8 @@ def register_strategy(arg: Any = None, *, key: str | None = None):
 
     >>> @register_strategy(key='my_strategy')
     ... class MyStrategy(Strategy): ...
+    >>> MyStrategy.key
+    'my_strategy'
     """
     return _register(STRATEGY_DICT, arg, key)
 

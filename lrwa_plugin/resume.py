@@ -37,7 +37,8 @@ import yaml
 
 from .checkpoint import atomic_save, describe_read_error
 from .distributed import World, gather_to_main
-from .validation import first_line
+from .errors import ConfigError
+from .util import first_line
 
 FORMAT = 'lrwa_plugin.training_state'
 VERSION = 1
@@ -101,20 +102,21 @@ def save_training_state(path: str | os.PathLike, box: Any, position: Position, w
 
 # ---------------------------------------------------------------------------------------------------- reading
 def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a state written by :func:`save_training_state`; every problem is a one-line ``ValueError``."""
+    """Reads a state written by :func:`save_training_state`; every problem is a one-line ``ConfigError``."""
     path = os.path.expanduser(os.fspath(path))
-    label = f"--resume: checkpoint '{path}'"
+    label = f"checkpoint '{path}'"
     if not os.path.isfile(path):
-        raise ValueError(f'{label} does not exist')
+        raise ConfigError('--resume', f'{label} does not exist')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:  # truncated, corrupt, not a torch file: one line
-        raise ValueError(f'{label} could not be read: {describe_read_error(error, path)}') from error
+        raise ConfigError('--resume', f'{label} could not be read: {describe_read_error(error, path)}') from error
     if not isinstance(state, dict) or state.get('format') != FORMAT:
-        raise ValueError(f'{label} is not a training state written by lrwa_plugin (expected the '
+        raise ConfigError('--resume', f'{label} is not a training state written by lrwa_plugin (expected the '
                          f'<dst_ckpt stem>.last.pt file of a data-free run, not the best-student checkpoint)')
     if state.get('version') != VERSION:
-        raise ValueError(f"{label} has format version {state.get('version')}, this lrwa_plugin reads {VERSION}")
+        raise ConfigError('--resume', f"{label} has format version {state.get('version')}, this lrwa_plugin reads "
+                                      f'{VERSION}')
     return state
 
 
@@ -163,8 +165,8 @@ def check_same_run(state: dict[str, Any], config_text: str, seed: int | None, wo
     if differences:
         shown = differences[:_MAX_LISTED] + ([f'+{len(differences) - _MAX_LISTED} more']
                                              if len(differences) > _MAX_LISTED else [])
-        raise ValueError(f"--resume: checkpoint '{path}' was written by a different run ({'; '.join(shown)}); "
-                         f"resume with the same config, seed and number of processes, or start a new run")
+        raise ConfigError('--resume', f"checkpoint '{path}' was written by a different run ({'; '.join(shown)}); "
+                                      f'resume with the same config, seed and number of processes, or start a new run')
 
 
 def restore_training_state(state: dict[str, Any], box: Any, world: World) -> Position:
@@ -177,7 +179,7 @@ def restore_training_state(state: dict[str, Any], box: Any, world: World) -> Pos
         if box.replay is not None:
             box.replay.load_state_dict(rank['replay'])
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f'--resume: the checkpoint does not fit the models built from the config: '
+        raise ConfigError('--resume', f'the checkpoint does not fit the models built from the config: '
                          f'{first_line(error, limit=None)}') from error
     set_rng_state(rank['rng'])  # last: nothing may draw from the streams between here and the first step
     return Position(int(state['epoch']), int(state['iteration']), [float(a) for a in state['history']],

@@ -2,20 +2,25 @@
 
 One box, one YAML; only ``train.strategy`` differs, and the paper's baselines come for free:
 
-=========  =============================================  ====================================
-strategy   student gradient                               replay (``replay_kinds``)
-=========  =============================================  ====================================
+=========  =============================================  ==========================================
+strategy   student gradient                               replay memories it accepts (``accepts``)
+=========  =============================================  ==========================================
 dfad       ∇L_Acq(θ)                                      none
 mb_dfkd    ∇[L_Acq(θ) + L_Ret(θ)]                         MemoryBank
 pre_dfkd   ∇[L_Acq(θ) + L_Ret(θ)]                         GenerativeReplay
-lrwa       ∇[L_Acq(θ) + L_Ret(θ − α∇L_Acq(θ))]            MemoryBank or GenerativeReplay
-=========  =============================================  ====================================
+lrwa       ∇[L_Acq(θ) + L_Ret(θ − α∇L_Acq(θ))]            any :class:`~lrwa_plugin.replay.ReplayMemory`
+=========  =============================================  ==========================================
 
-Each strategy names the replay memories it accepts (registry keys of :mod:`lrwa_plugin.replay`) in its class
-attribute ``replay_kinds``; the box refuses any other. Until the memory holds samples, every strategy falls back to
-∇L_Acq. A strategy gets two closures, ``acquire`` and ``retain``, that run a student callable on the current batch
-and on the replay batch and return the pipeline's own torchdistill criterion; it leaves the gradient in the student's
-``.grad`` and returns the loss values.
+A strategy names the memories it accepts by type (:attr:`Strategy.accepts`), so a new memory that subclasses an
+accepted type needs no edit here. Until the memory holds samples, every strategy falls back to ∇L_Acq. At each
+student step the box hands the strategy a :class:`StepLosses`: closures that run a student callable on the current
+batch (``acquire``), on the replay batch (``retain``) and on both concatenated (``joint``), each returning the
+pipeline's own torchdistill criterion, and the student's current learning rate. The strategy leaves the gradient in
+the student's ``.grad`` and returns the loss values; torchdistill's post-forward process then steps the optimizer.
+
+Settings: a strategy's constructor arguments come from ``train.strategy: {key, kwargs}`` (a plain
+``strategy: 'key'`` takes none), or, for the strategies that take the meta step (``settings = 'meta'``), from
+``train.data_free.meta``.
 
 .. code-block:: yaml
 
@@ -23,45 +28,92 @@ and on the replay batch and return the pipeline's own torchdistill criterion; it
       strategy: 'lrwa'
       data_free:
         meta: {alpha: 0.9, backend: 'higher', order: 'second'}
+    # the released code's update, one forward of cat(new, replayed) (Patel et al.'s "LRWA" as it trained):
+    train:
+      strategy: {key: 'mb_dfkd', kwargs: {combine: 'concat'}}
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from .meta import RetainWhileAcquire
-from .registry import register_strategy
+from .errors import ConfigError
+from .meta import DEFAULT_FD_EPS, RetainWhileAcquire
+from .registry import REPLAY_DICT, STRATEGY_DICT, register_strategy
+from .replay import GenerativeReplay, MemoryBank, ReplayMemory
+from .util import finite_number, one_of
 
 LossClosure = Callable[[Callable[..., Any]], Tensor]
+"""Runs a student callable (the student at θ, or at other parameters) on a batch; returns the criterion."""
+
+COMBINES = ('sum', 'concat')
 
 
-class Strategy:
-    """Base strategy. ``replay_kinds``: the replay memories (``train.data_free.replay.key``) it accepts; none: it
-    uses no replay."""
+@dataclass
+class StepLosses:
+    """What a strategy is given at one student step.
 
-    replay_kinds: tuple[str, ...] = ('MemoryBank', 'GenerativeReplay')
+    Attributes:
+        acquire: the criterion on the newly generated batch (L_Acq).
+        retain: the criterion on the replay batch (L_Ret); None while the memory holds nothing.
+        joint: the criterion on ``cat(new, replayed)``, one forward and one mean over all rows (None without replay).
+        lr: the student optimizer's current learning rate (its first parameter group).
+    """
 
-    def __init__(self, meta: dict[str, Any] | None = None) -> None:
-        if meta is not None:
-            raise ValueError(f"train.data_free.meta is only used by strategy 'lrwa', not by '{self.key}'")
-
-    @property
-    def key(self) -> str:
-        return type(self).__name__
-
-    def backward(self, student: nn.Module, acquire: LossClosure,
-                 retain: LossClosure | None) -> dict[str, float]:
-        """Accumulates the student gradient into ``.grad``; returns ``{'acq': L_Acq, 'ret': L_Ret}`` as floats."""
-        raise NotImplementedError
+    acquire: LossClosure
+    retain: LossClosure | None = None
+    joint: LossClosure | None = None
+    lr: float | None = None
 
 
-def _loss_values(l_acq: Tensor, l_ret: Tensor | None) -> dict[str, float]:
-    values = {'acq': float(l_acq.detach())}
-    if l_ret is not None:
-        values['ret'] = float(l_ret.detach())
-    return values
+class Strategy(ABC):
+    """A way of forming the student gradient (see the module docstring).
+
+    Attributes:
+        key: set by :func:`lrwa_plugin.registry.register_strategy`.
+        accepts: the replay memory types it uses; ``()``: it uses none.
+        settings: where its constructor arguments are written: ``'strategy'`` (``train.strategy.kwargs``) or
+            ``'meta'`` (``train.data_free.meta``).
+    """
+
+    key: ClassVar[str]
+    accepts: ClassVar[tuple[type[ReplayMemory], ...]] = (ReplayMemory,)
+    settings: ClassVar[str] = 'strategy'
+
+    @abstractmethod
+    def backward(self, student: nn.Module, losses: StepLosses) -> dict[str, float]:
+        """Accumulates the student gradient into ``.grad``; returns the loss values (``acq``, ``ret``, ...)."""
+
+    @classmethod
+    def accepted_keys(cls) -> list[str]:
+        """The registered replay memories this strategy accepts."""
+        return sorted(key for key, memory in REPLAY_DICT.items() if issubclass(memory, cls.accepts))
+
+    @classmethod
+    def check_replay(cls, replay_key: str | None, path: str = 'train.data_free.replay') -> None:
+        """Raises :class:`~lrwa_plugin.errors.ConfigError` if the memory ``replay_key`` (None: no ``replay`` block)
+        cannot be used with this strategy."""
+        if not cls.accepts:
+            if replay_key is not None:
+                replaying = sorted(key for key, strategy in STRATEGY_DICT.items() if strategy.accepts)
+                raise ConfigError(path, f"strategy '{cls.key}' uses no replay memory: remove this block, or choose a "
+                                        f"strategy that replays ({', '.join(replaying)})")
+            return
+        allowed = ', '.join(cls.accepted_keys()) or 'none registered'
+        if replay_key is None:
+            raise ConfigError(path, f"missing: strategy '{cls.key}' replays from a memory (key one of: {allowed})")
+        if not issubclass(REPLAY_DICT[replay_key], cls.accepts):
+            raise ConfigError(f'{path}.key', f"'{replay_key}' cannot be used with strategy '{cls.key}'; "
+                                             f'allowed: {allowed}')
+
+
+def loss_values(**losses: Tensor | None) -> dict[str, float]:
+    """The given losses as floats (None entries left out)."""
+    return {name: float(loss.detach()) for name, loss in losses.items() if loss is not None}
 
 
 @register_strategy(key='dfad')
@@ -75,35 +127,52 @@ class AcquireOnly(Strategy):
         train: {strategy: 'dfad'}
     """
 
-    replay_kinds = ()
-    key = 'dfad'
+    accepts = ()
 
-    def backward(self, student: nn.Module, acquire: LossClosure, retain: LossClosure | None) -> dict[str, float]:
-        l_acq = acquire(student)
+    def backward(self, student: nn.Module, losses: StepLosses) -> dict[str, float]:
+        l_acq = losses.acquire(student)
         l_acq.backward()
-        return _loss_values(l_acq, None)
+        return loss_values(acq=l_acq)
 
 
 @register_strategy(key='mb_dfkd')
 class JointReplay(Strategy):
-    """MB-DFKD (Binici et al., WACV 2022): ``∇[L_Acq(θ) + L_Ret(θ)]``, replay and new samples weighted alike.
+    """MB-DFKD (Binici et al., WACV 2022): ``∇[L_Acq(θ) + L_Ret(θ)]`` on new and replayed samples.
+
+    Args:
+        combine: ``'sum'`` (default): two forwards and two criteria, L_Acq on the new batch plus L_Ret on the replay
+            batch, so both weigh alike whatever their sizes. ``'concat'``: one forward of ``cat(new, replayed)`` and
+            one criterion over all rows, as the papers' released code does (MB-DFKD, PRE-DFKD, and the "LRWA" runs of
+            Patel et al., whose meta step never reached the student: ``distill_knowledge_meta7`` in
+            ``src/agents/predfkd_meta_memory.py`` of github.com/gaurav104/LRA). Then new and replayed samples
+            weigh by their counts (512 : 64 = 8 : 1 there) and share the BatchNorm batch statistics.
 
     .. code-block:: yaml
 
         train:
-          strategy: 'mb_dfkd'
+          strategy: 'mb_dfkd'                                       # or {key: 'mb_dfkd', kwargs: {combine: 'concat'}}
           data_free:
             replay: {key: 'MemoryBank', kwargs: {capacity: 640, push_size: 64, push_every_epochs: 5}}
     """
 
-    replay_kinds = ('MemoryBank',)
-    key = 'mb_dfkd'
+    accepts = (MemoryBank,)
 
-    def backward(self, student: nn.Module, acquire: LossClosure, retain: LossClosure | None) -> dict[str, float]:
-        l_acq = acquire(student)
-        l_ret = retain(student) if retain is not None else None
-        (l_acq if l_ret is None else l_acq + l_ret).backward()
-        return _loss_values(l_acq, l_ret)
+    def __init__(self, combine: str = 'sum') -> None:
+        self.combine = one_of(type(self).__name__, 'combine', combine, COMBINES)
+
+    def backward(self, student: nn.Module, losses: StepLosses) -> dict[str, float]:
+        if losses.retain is None:
+            l_acq = losses.acquire(student)
+            l_acq.backward()
+            return loss_values(acq=l_acq)
+        if self.combine == 'concat':
+            l_joint = losses.joint(student)
+            l_joint.backward()
+            return loss_values(joint=l_joint)
+        l_acq = losses.acquire(student)
+        l_ret = losses.retain(student)
+        (l_acq + l_ret).backward()
+        return loss_values(acq=l_acq, ret=l_ret)
 
 
 @register_strategy(key='pre_dfkd')
@@ -111,7 +180,7 @@ class PseudoReplay(JointReplay):
     """PRE-DFKD (Binici et al., "Robust and Resource-Efficient Data-Free Knowledge Distillation by Generative Pseudo
     Replay", AAAI 2022): ``∇[L_Acq(θ) + L_Ret(θ)]`` with replay from a VAE of the generated samples.
 
-    The gradient is MB-DFKD's; the memory is :class:`lrwa_plugin.replay.GenerativeReplay`.
+    The gradient is MB-DFKD's (``combine`` too); the memory is :class:`lrwa_plugin.replay.GenerativeReplay`.
 
     .. code-block:: yaml
 
@@ -121,18 +190,21 @@ class PseudoReplay(JointReplay):
             replay: {key: 'GenerativeReplay', kwargs: {vae: {key: 'ReplayVAE', kwargs: {nz: 64, img_size: 8, nc: 1}}}}
     """
 
-    replay_kinds = ('GenerativeReplay',)
-    key = 'pre_dfkd'
+    accepts = (GenerativeReplay,)
 
 
 @register_strategy(key='lrwa')
 class LearnToRetainWhileAcquiring(Strategy):
     """LRWA (Patel, Mopuri, Qiu, CVPR 2023): ``∇[L_Acq(θ) + L_Ret(θ − α∇L_Acq(θ))]``, see :mod:`lrwa_plugin.meta`.
 
-    Replays from a ``MemoryBank`` (the paper's) or a ``GenerativeReplay`` (its experiments on top of PRE-DFKD).
+    Replays from any memory: a ``MemoryBank`` (the paper's), a ``GenerativeReplay`` (its experiments on top of
+    PRE-DFKD), or another registered one. Its settings are ``train.data_free.meta``.
 
     Args:
-        meta: ``{alpha, backend, order}`` of :class:`lrwa_plugin.meta.RetainWhileAcquire`.
+        alpha: a constant inner step α (> 0).
+        alpha_per_lr: instead of ``alpha``, ``c`` with α = c × the student optimizer's current learning rate at every
+            student step, so the virtual step shrinks with the schedule (> 0). Exactly one of the two.
+        backend, order, inner_bn, fd_eps: of :class:`lrwa_plugin.meta.RetainWhileAcquire`.
 
     .. code-block:: yaml
 
@@ -140,15 +212,29 @@ class LearnToRetainWhileAcquiring(Strategy):
           strategy: 'lrwa'
           data_free:
             replay: {key: 'MemoryBank', kwargs: {capacity: 640, push_size: 64, push_every_epochs: 5}}
-            meta: {alpha: 0.9, backend: 'higher', order: 'second'}
+            meta: {alpha_per_lr: 1.0, backend: 'higher', order: 'second', inner_bn: 'update'}
     """
 
-    replay_kinds = ('MemoryBank', 'GenerativeReplay')
-    key = 'lrwa'
+    settings = 'meta'
 
-    def __init__(self, meta: dict[str, Any] | None = None) -> None:
-        self.meta = RetainWhileAcquire(**(meta or {}))
+    def __init__(self, alpha: float | None = None, alpha_per_lr: float | None = None, backend: str = 'higher',
+                 order: str = 'second', inner_bn: str = 'update', fd_eps: float = DEFAULT_FD_EPS) -> None:
+        if (alpha is None) == (alpha_per_lr is None):
+            raise ValueError('meta: give exactly one of alpha (a constant inner step) and alpha_per_lr '
+                             "(α = alpha_per_lr × the student's learning rate)")
+        self.alpha_per_lr = None if alpha_per_lr is None else finite_number('meta', 'alpha_per_lr', alpha_per_lr,
+                                                                            low=0)
+        self.meta = RetainWhileAcquire(alpha, backend=backend, order=order, inner_bn=inner_bn, fd_eps=fd_eps)
 
-    def backward(self, student: nn.Module, acquire: LossClosure, retain: LossClosure | None) -> dict[str, float]:
-        l_acq, l_ret = self.meta(student, acquire, retain)
-        return _loss_values(l_acq, l_ret)
+    def alpha(self, lr: float | None) -> float:
+        """This step's α: the constant, or ``alpha_per_lr × lr``."""
+        if self.alpha_per_lr is None:
+            return self.meta.alpha
+        if lr is None:
+            raise ValueError("meta: alpha_per_lr needs the student's learning rate at every step")
+        return self.alpha_per_lr * lr
+
+    def backward(self, student: nn.Module, losses: StepLosses) -> dict[str, float]:
+        alpha = self.alpha(losses.lr)
+        l_acq, l_ret = self.meta(student, losses.acquire, losses.retain, alpha=alpha)
+        return loss_values(acq=l_acq, ret=l_ret)

@@ -81,6 +81,14 @@ def test_box_refuses_a_generator_the_teacher_cannot_take(tmp_path):
     assert '3x8x8' in message and '1x?x?' in message
 
 
+def train_epoch(box: DataFreeDistillationBox, epoch: int = 0) -> dict:
+    box.pre_epoch_process(epoch=epoch)
+    for iteration in range(box.iterations_per_epoch):
+        losses = box.train_iteration(epoch, iteration)
+    box.finish_epoch(epoch)
+    return losses
+
+
 def test_memory_bank_still_pushes_the_epochs_last_student_batch(tmp_path):
     box = build_box(tmp_path, 'lrwa_mb', {})
     assert isinstance(box.replay, MemoryBank)
@@ -93,8 +101,7 @@ def test_memory_bank_still_pushes_the_epochs_last_student_batch(tmp_path):
         return x, losses
 
     box.student_step = recording_step
-    box.pre_epoch_process(epoch=0)
-    box.train_one_epoch(0, progress=False)
+    train_epoch(box)
     assert len(batches) == 3 * 2  # 3 iterations x 2 student steps (short run)
     held = box.replay.state_dict()['batches']
     assert len(held) == 1 and torch.equal(held[0], batches[-1])
@@ -103,8 +110,7 @@ def test_memory_bank_still_pushes_the_epochs_last_student_batch(tmp_path):
 def test_generative_replay_observes_every_student_step_and_replays(tmp_path):
     box = build_box(tmp_path, 'lrwa_gr', {})
     assert isinstance(box.replay, GenerativeReplay) and box.replay.teacher is box.teacher_model
-    box.pre_epoch_process(epoch=0)
-    losses = box.train_one_epoch(0, progress=False)
+    losses = train_epoch(box)
     # 6 student steps; the VAE trains on steps 0, 1 and 5 (k mod 5 < 2), on 32 generated samples each
     assert len(box.replay) == 3 * 32 and losses['memory'] == 96.0
     assert 'ret' in losses and 'vae' in losses

@@ -34,14 +34,15 @@ def _rank_main(rank: int, world_size: int, ports: list[int], two_epochs: str, on
     os.chdir(work)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1')
     torch.set_num_threads(1)
-    from lrwa_plugin import cli
-    real_train = cli.train
+    from lrwa_plugin import cli, runner
+    real_train = runner.train
 
-    def keeping_weights(box, teacher, student, *args, **kwargs):
-        start = {'student': {k: v.clone() for k, v in student.state_dict().items()},
+    def keeping_weights(run):
+        box = run.trainer.box
+        start = {'student': {k: v.clone() for k, v in run.student.state_dict().items()},
                  'generator': {k: v.clone() for k, v in box.generator.state_dict().items()}}
-        result = real_train(box, teacher, student, *args, **kwargs)
-        torch.save({'start': start, 'student': student.state_dict(), 'generator': box.generator.state_dict()},
+        result = real_train(run)
+        torch.save({'start': start, 'student': run.student.state_dict(), 'generator': box.generator.state_dict()},
                    f'rank{rank}.pt')
         return result
 
@@ -49,7 +50,7 @@ def _rank_main(rank: int, world_size: int, ports: list[int], two_epochs: str, on
             (two_epochs, 'b', ['--resume', 'b/student.last.pt'], real_train)]
     for port, (config, out, flags, train) in zip(ports, runs):
         os.environ['MASTER_PORT'] = str(port)
-        cli.train = train
+        runner.train = train
         status = cli.main(['--config', config, '--device', 'cpu', '--seed', '0', '-no_progress', '--world_size',
                            str(world_size), '--dst_ckpt', f'{out}/student.pt', *flags])
         if status != 0:
@@ -89,13 +90,13 @@ def _poisoned_rank_main(rank: int, world_size: int, port: int, config: str, work
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from lrwa_plugin import cli
-    from lrwa_plugin.box import DataFreeDistillationBox
+    from lrwa_plugin.generation import GeneratorStep
     if rank == 1:
-        real_sample = DataFreeDistillationBox.sample
+        real_sample = GeneratorStep.sample
 
-        def poisoned(self, batch_size=None):
-            return real_sample(self, batch_size) * float('nan')
-        DataFreeDistillationBox.sample = poisoned
+        def poisoned(self, n):
+            return real_sample(self, n) * float('nan')
+        GeneratorStep.sample = poisoned
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         status = cli.main(['--config', config, '--device', 'cpu', '--seed', '0', '-no_progress', '--world_size',

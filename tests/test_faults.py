@@ -14,6 +14,7 @@ from conftest import DIGITS_CONFIGS, SHORT_RUN, run_cli, write_config
 
 from lrwa_plugin.box import DataFreeDistillationBox
 from lrwa_plugin.checkpoint import atomic_save
+from lrwa_plugin.generation import GeneratorStep
 from lrwa_plugin.models.digits import DigitsStudentCNN
 from lrwa_plugin.strategies import LearnToRetainWhileAcquiring
 
@@ -52,10 +53,10 @@ def test_nan_batch_stops_naming_the_step_and_keeps_the_last_checkpoint(epoch, nt
     if epoch == 0:
         atomic_save({'model': DigitsStudentCNN().state_dict()}, dst)
     state = _track_position(monkeypatch)
-    sample = DataFreeDistillationBox.sample
+    sample = GeneratorStep.sample
 
-    def poisoned(self, batch_size=None):
-        x = sample(self, batch_size)
+    def poisoned(self, n):
+        x = sample(self, n)
         if state['at'] == (epoch, 1):
             state['samples'] += 1
             if state['samples'] == nth_sample:
@@ -63,7 +64,7 @@ def test_nan_batch_stops_naming_the_step_and_keeps_the_last_checkpoint(epoch, nt
                 return x * float('nan')  # keeps the autograd graph, as a real blow-up would
         return x
 
-    monkeypatch.setattr(DataFreeDistillationBox, 'sample', poisoned)
+    monkeypatch.setattr(GeneratorStep, 'sample', poisoned)
     assert run_cli(config) == 3
     err = capsys.readouterr().err
     assert err.startswith('error: non-finite loss at ') and err.count('\n') == 1, err
@@ -80,8 +81,8 @@ def test_non_finite_student_gradient_stops_before_the_optimizer_step(work, capsy
     backward = LearnToRetainWhileAcquiring.backward
     weights: dict[str, torch.Tensor] = {}
 
-    def poisoned(self, student, acquire, retain):
-        losses = backward(self, student, acquire, retain)
+    def poisoned(self, student, step_losses):
+        losses = backward(self, student, step_losses)
         if state['at'] == (1, 1):
             state['snapshot'], state['student'] = _snapshot(dst), student
             weights.update({k: v.clone() for k, v in student.state_dict().items()})

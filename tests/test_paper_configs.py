@@ -124,16 +124,16 @@ def strategy_calls(monkeypatch) -> list[tuple[str, bool]]:
     calls: list[tuple[str, bool]] = []
 
     def spying(backward):
-        def spy(self, student, acquire, retain):
-            calls.append((self.key, retain is not None))
-            return backward(self, student, acquire, retain)
+        def spy(self, student, losses):
+            calls.append((self.key, losses.retain is not None))
+            return backward(self, student, losses)
         return spy
 
     for cls in {cls for cls in STRATEGY_DICT.values() if 'backward' in vars(cls)}:  # subclasses inherit the spy
         monkeypatch.setattr(cls, 'backward', spying(vars(cls)['backward']))
     # The per-epoch sample grids (tested in test_evolution) cost more here than the two iterations: 32 generated and 32
     # replayed samples through the ResNet-34 teacher, the VAE's latent refinement, matplotlib figures.
-    monkeypatch.setattr('lrwa_plugin.cli._monitor_samples', lambda *args, **kwargs: None)
+    monkeypatch.setattr('lrwa_plugin.training.DataFreeTrainer.after_evaluation', lambda *args, **kwargs: None)
     return calls
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lrwa_plugin.registry import get_replay
-from lrwa_plugin.replay import GenerativeReplay, MemoryBank
+from lrwa_plugin.replay import GenerativeReplay, MemoryBank, ReplayContext
 
 
 def batch(value: float, n: int = 4) -> torch.Tensor:
@@ -23,7 +23,7 @@ def test_capacity_is_never_exceeded_and_oldest_batches_leave_first():
     assert len(memory) == 8  # exactly at capacity: nothing dropped
     memory.push(batch(3.0))
     assert len(memory) == 8
-    held = set(memory.sample().unique().tolist())
+    held = set(memory.sample().x.unique().tolist())
     assert held == {2.0, 3.0}
 
 
@@ -32,19 +32,70 @@ def test_push_keeps_only_push_size_samples_on_cpu_detached():
     x = torch.randn(10, 1, 2, 2, requires_grad=True)
     memory.push(x * 2)
     assert len(memory) == 3
-    sample = memory.sample(5)
+    sample = memory.sample(5).x
     assert sample.shape == (5, 1, 2, 2) and not sample.requires_grad and sample.device.type == 'cpu'
 
 
-def test_observe_pushes_the_last_student_batch_at_the_end_of_every_nth_epoch():
-    memory = MemoryBank(capacity=100, push_size=4, push_every_epochs=2)
-    for epoch in range(4):
+def observe_epochs(memory: MemoryBank, epochs: int) -> None:
+    """What the box tells a memory over ``epochs`` epochs of 3 iterations x 2 student steps; the epoch's last student
+    batch is tagged ``epoch + 0.5``, the others ``epoch``."""
+    for epoch in range(epochs):
         for iteration in range(3):
             for step in range(2):  # the box calls observe after every student step
                 end = iteration == 2 and step == 1
-                memory.observe(batch(epoch + (0.5 if end else 0.0)), epoch, iteration, end_of_epoch=end)
+                memory.observe(batch(epoch + (0.5 if end else 0.0)), epoch, iteration)
+        memory.end_epoch(epoch)
+
+
+def test_the_last_student_batch_is_pushed_after_every_nth_epoch():
+    memory = MemoryBank(capacity=100, push_size=4, push_every_epochs=2)
+    observe_epochs(memory, 4)
     assert len(memory) == 8
-    assert set(memory.sample(64).unique().tolist()) == {1.5, 3.5}
+    assert set(memory.sample(64).x.unique().tolist()) == {1.5, 3.5}  # after epochs 1 and 3: the end of each period
+
+
+def test_released_schedule_pushes_after_epochs_0_5_10_and_draws_one_whole_batch():
+    memory = MemoryBank(capacity=100, push_size=4, push_every_epochs=5, first_push_epoch=0, draw='batch')
+    assert [e for e in range(16) if memory.pushes_after(e)] == [0, 5, 10, 15]
+    observe_epochs(memory, 11)
+    assert set(memory.sample(64).x.unique().tolist()) <= {0.5, 5.5, 10.5}
+    draws = [memory.sample() for _ in range(60)]
+    assert all(len(d.x) == 4 and len(set(d.x.flatten().tolist())) == 1 for d in draws)  # one stored batch each
+    assert {d.x.flatten()[0].item() for d in draws} == {0.5, 5.5, 10.5}  # every stored batch is drawn
+    assert len(memory.sample(2).x) == 2
+
+
+def test_cached_teacher_outputs_equal_a_fresh_teacher_forward():
+    """A memory bank keeps the teacher's I/O dict of its samples (computed once, at push time, on the stored
+    samples): a replay batch's cached entries equal those of a fresh teacher forward of the replayed samples."""
+    teacher = tiny_teacher()
+    hooked: dict = {}
+    handle = teacher.fc.register_forward_hook(lambda m, i, o: hooked.update(fc_input=i[0]))
+
+    def teacher_io(x: torch.Tensor) -> dict:
+        out = teacher(x)
+        return {'.': {'output': out}, 'fc': {'input': hooked['fc_input']}}
+
+    for dtype in (None, 'float16'):
+        memory = MemoryBank(capacity=24, push_size=8, policy='fifo', dtype=dtype, seed=3)
+        memory.attach(ReplayContext(teacher, torch.device('cpu'), teacher_io=teacher_io))
+        for k in range(4):
+            memory.push(torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(k)))
+        replayed = memory.sample(16)
+        fresh = teacher_io(replayed.x)
+        assert torch.equal(replayed.teacher_io['.']['output'], fresh['.']['output'])
+        assert torch.equal(replayed.teacher_io['fc']['input'], fresh['fc']['input'])
+    reservoir = MemoryBank(capacity=10, push_size=8, policy='reservoir', seed=1)
+    reservoir.attach(ReplayContext(teacher, torch.device('cpu'), teacher_io=teacher_io))
+    for k in range(5):
+        reservoir.push(torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(k)))
+    replayed = reservoir.sample(32)
+    assert torch.equal(replayed.teacher_io['.']['output'], teacher_io(replayed.x)['.']['output'])
+    handle.remove()
+    uncached = MemoryBank(capacity=8, push_size=8, cache_teacher=False)
+    uncached.attach(ReplayContext(teacher, torch.device('cpu'), teacher_io=teacher_io))
+    uncached.push(torch.randn(8, 1, 8, 8))
+    assert uncached.sample(4).teacher_io is None
 
 
 def test_sampling_is_seeded_and_state_round_trips():
@@ -52,7 +103,7 @@ def test_sampling_is_seeded_and_state_round_trips():
     data = torch.arange(16.0).view(16, 1, 1, 1)
     a.push(data)
     b.load_state_dict(a.state_dict())
-    assert torch.equal(a.sample(8), b.sample(8))
+    assert torch.equal(a.sample(8).x, b.sample(8).x)
 
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -61,6 +112,9 @@ def test_sampling_is_seeded_and_state_round_trips():
     ({'batch_size': 2.5}, 'batch_size'),
     ({'capacity': 4, 'push_size': 8}, 'exceed'),
     ({'policy': 'lifo'}, "policy 'lifo'"),
+    ({'draw': 'batch', 'policy': 'reservoir'}, "draw 'batch'"),
+    ({'first_push_epoch': -1}, 'first_push_epoch'),
+    ({'cache_teacher': 'yes'}, 'cache_teacher'),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -131,7 +185,7 @@ def test_reservoir_state_round_trips_and_continues_identically():
     for k in range(3, 6):
         a.push(items(4 * k, 4))
         b.push(items(4 * k, 4))
-    assert held(a) == held(b) and torch.equal(a.sample(16), b.sample(16))
+    assert held(a) == held(b) and torch.equal(a.sample(16).x, b.sample(16).x)
 
 
 @pytest.mark.parametrize('policy', ['fifo', 'reservoir'])
@@ -140,13 +194,13 @@ def test_float16_storage_returns_the_callers_dtype(policy):
     x = torch.randn(8, 1, 2, 2, dtype=torch.float64)
     memory.push(x)
     assert all(b.dtype == torch.float16 for b in memory.state_dict()['batches'])
-    sample = memory.sample(32)
+    sample = memory.sample(32).x
     assert sample.dtype == torch.float64
     stored = set(x.to(torch.float16).to(torch.float64).flatten().tolist())
     assert set(sample.flatten().tolist()) <= stored and not set(sample.flatten().tolist()) <= set(x.flatten().tolist())
     copy = MemoryBank(capacity=8, push_size=8, policy=policy, dtype='float16')
     copy.load_state_dict(memory.state_dict())
-    assert copy.sample(4).dtype == torch.float64
+    assert copy.sample(4).x.dtype == torch.float64
 
 
 def test_bad_dtype_names_the_allowed_ones():
@@ -181,7 +235,7 @@ VAE = {'key': 'ReplayVAE', 'kwargs': {'nz': 8, 'img_size': 8, 'nc': 1, 'nef': 8,
 
 def replay(**kwargs) -> GenerativeReplay:
     memory = GenerativeReplay(**{'vae': VAE, 'batch_size': 16, 'train_every': 1, 'train_steps': 1, **kwargs})
-    memory.attach(tiny_teacher(), torch.device('cpu'))
+    memory.attach(ReplayContext(tiny_teacher(), torch.device('cpu')))
     return memory
 
 
@@ -196,7 +250,7 @@ def test_vae_reconstruction_loss_falls_when_trained_on_generated_samples():
     held_out = generated(source, 64, seed=1000)
     before = reconstruction_l1(memory, held_out)
     for step in range(40):
-        memory.observe(generated(source, 32, seed=step), epoch=0, iteration=step, end_of_epoch=False)
+        memory.observe(generated(source, 32, seed=step), epoch=0, iteration=step)
     after = reconstruction_l1(memory, held_out)
     assert after < 0.7 * before, (before, after)
     assert len(memory) == 40 * 32 and memory.log_values()['vae'] > 0
@@ -208,15 +262,15 @@ def test_vae_trains_on_a_deterministic_fraction_of_student_steps():
     source = source_generator()
     assert memory.sample(4) is None  # nothing learnt yet: the strategy falls back to acquisition only
     for step in range(10):
-        memory.observe(generated(source, 8, seed=step), 0, step, False)
+        memory.observe(generated(source, 8, seed=step), 0, step)
     assert len(memory) == 4 * 3  # steps 0, 1, 5, 6, three samples each
 
 
 def test_replayed_samples_have_the_generators_shape_and_range():
     source, memory = source_generator(), replay(self_replay=4)
     for step in range(2):
-        memory.observe(generated(source, 8, seed=step), 0, step, False)
-    sample = memory.sample()
+        memory.observe(generated(source, 8, seed=step), 0, step)
+    sample = memory.sample().x
     assert sample.shape == (16, *source.output_shape) and not sample.requires_grad
     # DAFL decoder with batch statistics, like the generator: its last BatchNorm standardises every replayed batch
     assert torch.allclose(sample.mean(dim=(0, 2, 3)), torch.zeros(1), atol=1e-4)
@@ -225,35 +279,35 @@ def test_replayed_samples_have_the_generators_shape_and_range():
                                             'decoder': {'key': 'DCGANGenerator',
                                                         'kwargs': {'nz': 8, 'img_size': 8, 'nc': 1, 'ngf': 8}}}}
     memory = replay(vae=dcgan)
-    memory.observe(generated(source, 8, seed=0), 0, 0, False)
-    sample = memory.sample(5)
+    memory.observe(generated(source, 8, seed=0), 0, 0)
+    sample = memory.sample(5).x
     assert sample.shape == (5, 1, 8, 8) and sample.abs().max() <= 1.0  # DCGAN decoder: tanh range
 
 
 def test_latent_refinement_lowers_its_objective():
     source, memory = source_generator(), replay(refine={'steps': 5, 'lr': 0.05})
-    memory.observe(generated(source, 8, seed=0), 0, 0, False)
+    memory.observe(generated(source, 8, seed=0), 0, 0)
     z = memory.vae.sample_latent(32, generator=torch.Generator().manual_seed(0))
     assert memory.refine_objective(memory._refined(z)) < memory.refine_objective(z)
-    assert memory.sample(8).shape == (8, 1, 8, 8)
+    assert memory.sample(8).x.shape == (8, 1, 8, 8)
 
 
 def test_generative_replay_needs_attach_and_refuses_a_decoder_the_teacher_cannot_take():
     memory = GenerativeReplay(vae=VAE)
     with pytest.raises(RuntimeError, match='attach'):
-        memory.observe(torch.zeros(2, 1, 8, 8), 0, 0, False)
+        memory.observe(torch.zeros(2, 1, 8, 8), 0, 0)
     wrong = GenerativeReplay(vae={'key': 'ReplayVAE', 'kwargs': {'nz': 8, 'img_size': 8, 'nc': 3}})
     with pytest.raises(ValueError, match=r'train.data_free.replay.kwargs.vae: makes samples of shape 3x8x8'):
-        wrong.attach(tiny_teacher(), torch.device('cpu'))
+        wrong.attach(ReplayContext(tiny_teacher(), torch.device('cpu')))
 
 
 def test_generative_replay_state_round_trips():
     source = source_generator()
     a, b = replay(seed=1), replay(seed=2)
     for step in range(3):
-        a.observe(generated(source, 8, seed=step), 0, step, False)
+        a.observe(generated(source, 8, seed=step), 0, step)
     b.load_state_dict(a.state_dict())
-    assert len(b) == len(a) and torch.equal(a.sample(4), b.sample(4))
+    assert len(b) == len(a) and torch.equal(a.sample(4).x, b.sample(4).x)
     x = generated(source, 8, seed=9)
     assert a.train_step(x) == b.train_step(x)
 

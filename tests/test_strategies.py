@@ -7,6 +7,7 @@ from torch import nn
 
 from lrwa_plugin.meta import retain_while_acquire
 from lrwa_plugin.registry import get_strategy
+from lrwa_plugin.strategies import StepLosses
 
 
 def setup():
@@ -24,7 +25,7 @@ def grads(net):
 def assert_joint_gradient(key: str) -> None:
     """The strategy ``key`` fills the gradient of L_Acq + L_Ret at θ and reports both losses."""
     net, acquire, retain = setup()
-    losses = get_strategy(key).backward(net, acquire, retain)
+    losses = get_strategy(key).backward(net, StepLosses(acquire, retain))
     g_joint = grads(net)
     net.zero_grad()
     (acquire(net) + retain(net)).backward()
@@ -33,7 +34,7 @@ def assert_joint_gradient(key: str) -> None:
 
 def test_dfad_is_acquisition_only_and_mb_dfkd_is_the_joint_gradient():
     net, acquire, retain = setup()
-    get_strategy('dfad').backward(net, acquire, retain)
+    get_strategy('dfad').backward(net, StepLosses(acquire, retain))
     g_dfad = grads(net)
     net.zero_grad()
     acquire(net).backward()
@@ -44,32 +45,36 @@ def test_dfad_is_acquisition_only_and_mb_dfkd_is_the_joint_gradient():
 
 def test_lrwa_uses_the_meta_step_and_falls_back_to_acquisition_without_memory():
     net, acquire, retain = setup()
-    get_strategy('lrwa', meta={'alpha': 0.7, 'backend': 'functional'}).backward(net, acquire, retain)
+    get_strategy('lrwa', alpha=0.7, backend='functional').backward(net, StepLosses(acquire, retain))
     g = grads(net)
     net.zero_grad()
     retain_while_acquire(net, acquire, retain, alpha=0.7, backend='functional')
     assert torch.equal(g, grads(net))
 
     net.zero_grad()
-    losses = get_strategy('lrwa', meta={'alpha': 0.7}).backward(net, acquire, None)
+    losses = get_strategy('lrwa', alpha=0.7).backward(net, StepLosses(acquire))
     g_fallback = grads(net)
     net.zero_grad()
     acquire(net).backward()
     assert torch.allclose(g_fallback, grads(net)) and set(losses) == {'acq'}
 
 
-def test_meta_is_only_for_lrwa_and_unknown_strategies_list_the_known_ones():
-    with pytest.raises(ValueError, match="only used by strategy 'lrwa'"):
-        get_strategy('mb_dfkd', meta={'alpha': 0.5})
+def test_strategies_take_only_their_own_settings_and_unknown_strategies_list_the_known_ones():
+    with pytest.raises(TypeError, match='alpha'):
+        get_strategy('mb_dfkd', alpha=0.5)
+    with pytest.raises(ValueError, match='exactly one of alpha'):
+        get_strategy('lrwa')
+    with pytest.raises(ValueError, match='exactly one of alpha'):
+        get_strategy('lrwa', alpha=0.5, alpha_per_lr=1.0)
     with pytest.raises(ValueError, match='dfad, lrwa, mb_dfkd'):
         get_strategy('lrwa2')
 
 
-def test_pre_dfkd_is_the_joint_gradient_and_each_strategy_names_its_replay_memories():
+def test_pre_dfkd_is_the_joint_gradient_and_each_strategy_accepts_memories_by_type():
+    from lrwa_plugin.registry import STRATEGY_DICT
     assert_joint_gradient('pre_dfkd')
-    kinds = {key: get_strategy(key, **({'meta': {'alpha': 0.5}} if key == 'lrwa' else {})).replay_kinds
-             for key in ('dfad', 'mb_dfkd', 'pre_dfkd', 'lrwa')}
-    assert kinds == {'dfad': (), 'mb_dfkd': ('MemoryBank',), 'pre_dfkd': ('GenerativeReplay',),
-                     'lrwa': ('MemoryBank', 'GenerativeReplay')}
-    from lrwa_plugin.registry import REPLAY_DICT
-    assert all(kind in REPLAY_DICT for kind_list in kinds.values() for kind in kind_list)
+    accepted = {key: STRATEGY_DICT[key].accepted_keys() for key in ('dfad', 'mb_dfkd', 'pre_dfkd', 'lrwa')}
+    assert accepted['dfad'] == [] and accepted['mb_dfkd'] == ['MemoryBank']
+    assert accepted['pre_dfkd'] == ['GenerativeReplay']
+    assert {'MemoryBank', 'GenerativeReplay'} <= set(accepted['lrwa'])
+    assert all(STRATEGY_DICT[key].key == key for key in STRATEGY_DICT)  # register_strategy sets the key

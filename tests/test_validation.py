@@ -23,10 +23,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from lrwa_plugin import cli
 from lrwa_plugin.checkpoint import atomic_save
+from lrwa_plugin.config import validate_config
+from lrwa_plugin.errors import ConfigError
 from lrwa_plugin.models.digits import DigitsStudentCNN
-from lrwa_plugin.validation import ConfigError, validate_config
+from lrwa_plugin.training import DataFreeTrainer
 
 REPLAY_BLOCK = ("    replay:\n      key: 'MemoryBank'\n"
                 "      kwargs: {capacity: 1024, push_size: 128, push_every_epochs: 1, batch_size: 64}\n")
@@ -299,7 +300,7 @@ def _run_mutant(blocks: dict, teacher_dir: Path) -> tuple[int, str, str, bool]:
         os.chdir(work)
         try:
             # The per-epoch sample grids (matplotlib, ~1 s a run) are not what this property is about.
-            with mock.patch.object(cli, '_monitor_samples'), contextlib.redirect_stdout(out), \
+            with mock.patch.object(DataFreeTrainer, 'after_evaluation'), contextlib.redirect_stdout(out), \
                     contextlib.redirect_stderr(err):
                 status = run_cli(work / 'run.yaml')
         except Exception:  # the property: no mutation may end in a raw traceback

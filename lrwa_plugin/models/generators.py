@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchdistill.models.registry import register_model
 
+from ..errors import ConfigError
 from .timm_model import input_shape_of
 
 __all__ = ['DAFLGenerator', 'DCGANGenerator', 'check_generator_fits_teacher']
@@ -200,7 +201,7 @@ def check_generator_fits_teacher(generator: nn.Module, teacher: nn.Module, where
         The shape ``(C, H, W)`` of one generated sample.
 
     Raises:
-        ValueError: one line naming the generated shape and the teacher's expected one.
+        ConfigError: one line (at ``where``) naming the generated shape and the teacher's expected one.
     """
     modes = [(module, module.training) for module in (generator, teacher)]
     device = next((p.device for p in generator.parameters()), torch.device('cpu'))
@@ -211,10 +212,10 @@ def check_generator_fits_teacher(generator: nn.Module, teacher: nn.Module, where
             generator.eval()
             x = generator(generator.sample_latent(2, device='cpu').to(device))
             sample_shape = tuple(x.shape[1:])
-            mismatch = f'{where}: makes samples of shape {_shape(sample_shape)} but the teacher expects {expected_text}'
+            mismatch = f'makes samples of shape {_shape(sample_shape)} but the teacher expects {expected_text}'
             if expected is not None and (len(sample_shape) != len(expected) or sample_shape[0] != expected[0]
                                          or fixed and sample_shape[1:] != tuple(expected[1:])):
-                raise ValueError(f'{mismatch}; set the generator kwargs (nc, img_size) to match')
+                raise ConfigError(where, f'{mismatch}; set the generator kwargs (nc, img_size) to match')
             if fixed:
                 return sample_shape
             teacher.eval()
@@ -222,8 +223,8 @@ def check_generator_fits_teacher(generator: nn.Module, teacher: nn.Module, where
                 teacher(x)
             except (RuntimeError, ValueError) as error:
                 reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-                raise ValueError(f'{mismatch}, and the teacher fails on them ({reason}); set the generator kwargs '
-                                 '(nc, img_size) to match') from error
+                raise ConfigError(where, f'{mismatch}, and the teacher fails on them ({reason}); set the generator '
+                                         'kwargs (nc, img_size) to match') from error
     finally:
         for module, mode in modes:
             module.train(mode)

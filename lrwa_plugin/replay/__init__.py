@@ -1,0 +1,23 @@
+"""Replay memories: where the student's earlier pseudo-samples come back from (knowledge retention, L_Ret).
+
+Every memory is a :class:`ReplayMemory` (:mod:`lrwa_plugin.replay.base`: the calls it receives, its random stream,
+what its state may hold), one file each:
+
+* ``MemoryBank`` (:mod:`.memory_bank`): the memory of MB-DFKD (Binici et al., WACV 2022) and of the LRWA paper
+  (Patel, Mopuri, Qiu, CVPR 2023): a bounded store of generated samples and the teacher's outputs for them;
+* ``GenerativeReplay`` (:mod:`.generative`): the generative pseudo replay of PRE-DFKD (Binici et al., AAAI 2022):
+  a VAE trained on the generated samples, decoding ``z ~ N(0, I)`` to replay.
+
+.. code-block:: yaml
+
+    train:
+      data_free:
+        replay: {key: 'MemoryBank', kwargs: {capacity: 640, push_size: 64, push_every_epochs: 5, batch_size: 64}}
+        # or
+        replay: {key: 'GenerativeReplay', kwargs: {vae: {key: 'ReplayVAE', kwargs: {nz: 64, img_size: 32, nc: 3}}}}
+"""
+from .base import ReplayContext, Replayed, ReplayMemory
+from .generative import GenerativeReplay
+from .memory_bank import MemoryBank
+
+__all__ = ['ReplayContext', 'Replayed', 'ReplayMemory', 'MemoryBank', 'GenerativeReplay']

@@ -1,0 +1,305 @@
+"""One run of a config, in two phases: :func:`set_up` builds everything, :func:`execute` trains and tests.
+
+``set_up`` reads the config once (:func:`lrwa_plugin.config.validate_config`), loads the teacher and builds the
+student, the training box and its :class:`~lrwa_plugin.training.Trainer`, restores a ``--resume`` state, and checks
+on the way everything a user can get wrong: each problem is a :class:`~lrwa_plugin.errors.ConfigError` (one line,
+exit status 2) raised before anything is trained or written. Neither the parsed arguments nor the loaded config are
+modified. ``execute`` runs the epochs — after each: top-1 on the validation split, the learning evolution beside
+``dst_ckpt`` (:mod:`lrwa_plugin.evolution`), the trainer's after-evaluation work (sample grids), TensorBoard with
+``--log_dir``, the best student to ``dst_ckpt`` (torchdistill's convention), and for a resumable trainer its whole
+state to ``<dst_ckpt stem>.last.pt`` (:mod:`lrwa_plugin.resume`) — then tests the best student (and the teacher).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torchdistill.common import yaml_util
+from torchdistill.common.constant import def_logger
+from torchdistill.common.main_util import import_dependencies, set_seed
+from torchdistill.core.distillation import get_distillation_box
+from torchdistill.core.training import get_training_box
+from torchdistill.datasets.util import build_data_loader
+from torchdistill.models.official import get_image_classification_model
+from torchdistill.models.registry import get_model
+
+from .box import DataFreeDistillationBox
+from .checkpoint import load_weights_strictly
+from .config import DataFreeConfig, validate_config
+from .distributed import World, barrier, broadcast_float, device_for
+from .errors import ConfigError
+from .evolution import write_evolution
+from .monitor import TensorBoardLogger
+from .resume import (
+    Position,
+    check_same_run,
+    last_checkpoint_path,
+    read_training_state,
+    restore_training_state,
+    save_training_state,
+)
+from .training import DataFreeTrainer, SupervisedTrainer, Trainer, evaluate, save_student
+from .util import first_line
+from .validation import narrow_path, without_prefix
+
+logger = def_logger.getChild(__name__)
+
+
+@dataclass
+class Run:
+    """A run that is set up: every model built, the start position known, nothing trained yet."""
+
+    args: argparse.Namespace
+    config_path: str
+    config: dict
+    config_text: str
+    seed: int | None
+    world: World
+    device: torch.device
+    teacher: nn.Module | None
+    student: nn.Module
+    student_key: str
+    dst_ckpt: str
+    trainer: Trainer | None  # None: -test_only
+    position: Position = field(default_factory=Position)
+
+    @property
+    def teacher_key(self) -> str | None:
+        teacher = self.config.get('models', {}).get('teacher_model')
+        return None if teacher is None else teacher.get('key')
+
+
+# ------------------------------------------------------------------------------------------------------ set-up
+def load_config(path: str | os.PathLike) -> dict:
+    """Loads a torchdistill YAML (running its ``!import_call`` tags); a file that cannot be is a ConfigError."""
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise ConfigError('--config', f"file '{path}' does not exist")
+    try:
+        config = yaml_util.load_yaml_file(path)
+    except (yaml.YAMLError, ImportError, AttributeError, ValueError, TypeError, KeyError, OSError) as error:
+        # Loading runs the !import_call / !import_get tags (datasets, transforms): a wrong name fails here.
+        raise ConfigError('--config', f"'{path}' could not be loaded: {first_line(error)}") from error
+    if not isinstance(config, dict):
+        raise ConfigError('--config', f"'{path}' is not a YAML mapping")
+    return config
+
+
+def load_model(model_config: dict, role: str, device: torch.device, distributed: bool) -> nn.Module:
+    """Builds ``models.<role>`` (torchvision first, then torchdistill's registry) and loads ``src_ckpt`` strictly."""
+    if 'key' not in model_config:
+        raise ConfigError(f'models.{role}', 'missing key `key` (the registered model name)')
+    kwargs = model_config.get('kwargs') or {}
+    try:
+        model = get_image_classification_model(model_config, distributed)
+        if model is None:
+            model = get_model(model_config['key'], model_config.get('repo_or_dir'), **kwargs)
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as error:
+        raise ConfigError(_model_error_path(role, kwargs, error), first_line(error, limit=None)) from error
+    src_ckpt = model_config.get('src_ckpt')
+    if src_ckpt is not None:
+        # torchdistill only logs a missing src_ckpt and trains on: here it is an error.
+        what = f'models.{role}.src_ckpt'
+        try:
+            load_weights_strictly(model, os.path.expanduser(src_ckpt), what=what)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(what, without_prefix(first_line(error, limit=None), what)) from error
+    return model.to(device)
+
+
+def _model_error_path(role: str, kwargs: dict, error: BaseException) -> str:
+    """The key an error building ``models.<role>`` is about: its checkpoint, the one kwarg it names, or the model."""
+    checkpoint_path = kwargs.get('checkpoint_path')
+    if checkpoint_path is not None and os.fspath(checkpoint_path) in str(error):
+        return f'models.{role}.kwargs.checkpoint_path'
+    path = narrow_path(f'models.{role}.kwargs', kwargs, error)
+    return path if path != f'models.{role}.kwargs' else f'models.{role}'
+
+
+def _has_weights(model_config: dict) -> bool:
+    return model_config.get('src_ckpt') is not None or model_config.get('kwargs', {}).get('checkpoint_path') is not None
+
+
+def build_trainer(teacher: nn.Module | None, student: nn.Module, config: dict, data_free: DataFreeConfig | None,
+                  device: torch.device, world: World, args: argparse.Namespace, student_key: str) -> Trainer:
+    """The training box and its trainer: data-free when ``train.strategy`` is set, else torchdistill's own.
+
+    A data-free box does its own data parallelism (:mod:`lrwa_plugin.distributed`); torchdistill's boxes get
+    torchdistill's (DDP, on CUDA only: on the CPU torchdistill wraps nothing, so ranks would train apart).
+    """
+    train_config = config['train']
+    dataset_dict = config.get('datasets', {})
+    distributed = world.distributed
+    device_ids = [world.local_rank] if distributed and device.type == 'cuda' else None
+    lr_factor = world.size if distributed and args.adjust_lr else 1
+    if data_free is not None:
+        box = DataFreeDistillationBox(teacher, student, dataset_dict, train_config, device, device_ids,
+                                      distributed, lr_factor, world=world, data_free=data_free)
+        trainer: Trainer = DataFreeTrainer(box, teacher, world, config.get('models', {}), student_key)
+    elif distributed and device.type != 'cuda':
+        raise ConfigError('--world_size', "data-parallel training without train.strategy runs torchdistill's own "
+                                          'box, which synchronises nothing on the CPU; use --device cuda or a single '
+                                          'process')
+    else:
+        train_view = copy.deepcopy(train_config)  # torchdistill edits it in place (the learning rate by lr_factor)
+        box = get_training_box(student, dataset_dict, train_view, device, device_ids, distributed, lr_factor) \
+            if teacher is None else get_distillation_box(teacher, student, dataset_dict, train_view, device,
+                                                         device_ids, distributed, lr_factor)
+        trainer = SupervisedTrainer(box, device)
+    if box.val_data_loader is None:
+        raise ConfigError('train.val_data_loader', 'no validation dataset (dataset_id must name one of datasets)')
+    return trainer
+
+
+def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: World | None = None) -> Run:
+    """Builds the run of ``config_path`` with the runner's flags ``args`` (see :mod:`lrwa_plugin.cli`).
+
+    Raises:
+        ConfigError: anything in the config, its files or the flags that cannot work; nothing is written.
+    """
+    world = world or World()
+    torch.backends.cudnn.benchmark = not args.disable_cudnn_benchmark
+    device = device_for(torch.device(args.device), world)
+    if args.save_every < 0:
+        raise ConfigError('--save_every', f'expected a number of iterations >= 0 (0: only at epoch ends), got '
+                                          f'{args.save_every}')
+    if args.resume is not None and args.start_epoch:
+        raise ConfigError('--start_epoch', 'not with --resume (the training state says where the run continues)')
+    state = read_training_state(args.resume) if args.resume is not None else None
+    seed = state['seed'] if state is not None and args.seed is None else args.seed
+    set_seed(seed)
+    config = load_config(config_path)
+    try:
+        import_dependencies(config.get('dependencies'))
+    except (ImportError, AttributeError, TypeError, KeyError) as error:
+        raise ConfigError('dependencies', first_line(error)) from error
+    data_free = validate_config(config, training=not args.test_only)
+    models_config = config.get('models', {})
+    student_key = 'student_model' if 'student_model' in models_config else 'model'
+    if student_key not in models_config:
+        raise ConfigError('models', 'expected `student_model` (distillation) or `model` (training)')
+    teacher_config = models_config.get('teacher_model')
+    if data_free is not None and (teacher_config is None or not _has_weights(teacher_config)):
+        raise ConfigError('models.teacher_model', 'a data-free run needs a trained teacher: give src_ckpt '
+                                                  '(or kwargs.checkpoint_path for timm_model)')
+    teacher = None if teacher_config is None else load_model(teacher_config, 'teacher_model', device,
+                                                             world.distributed)
+    student_config = models_config[student_key]
+    dst_ckpt = args.dst_ckpt if args.dst_ckpt is not None else student_config.get('dst_ckpt')
+    if dst_ckpt is None:
+        raise ConfigError(f'models.{student_key}.dst_ckpt', 'missing (where the trained student is written)')
+    dst_ckpt = os.path.expanduser(str(dst_ckpt))
+    if args.test_only and not os.path.isfile(dst_ckpt):
+        raise ConfigError(f'models.{student_key}.dst_ckpt', f"-test_only: no trained student at '{dst_ckpt}'")
+    student = load_model(student_config, student_key, device, world.distributed)
+    trainer = None if args.test_only else build_trainer(teacher, student, config, data_free, device, world, args,
+                                                        student_key)
+    if trainer is not None and not trainer.resumable and (args.resume is not None or args.save_every):
+        raise ConfigError(f"--{'resume' if args.resume is not None else 'save_every'}",
+                          'only data-free runs (train.strategy) write and resume training states')
+    config_text = Path(os.path.expanduser(str(config_path))).read_text()
+    if state is not None:
+        check_same_run(state, config_text, seed, world, args.resume)
+    run = Run(args=args, config_path=str(config_path), config=config, config_text=config_text, seed=seed,
+              world=world, device=device, teacher=teacher, student=student, student_key=student_key,
+              dst_ckpt=dst_ckpt, trainer=trainer, position=Position(epoch=args.start_epoch))
+    if trainer is not None:
+        trainer.prepare()
+    if state is not None:  # last: it sets the random streams the first step draws from
+        run.position = restore_training_state(state, trainer.box, world)
+        logger.info(f'Resuming at epoch {run.position.epoch}, iteration {run.position.iteration}')
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------- execution
+def train(run: Run) -> dict[str, float]:
+    """Runs the epochs from ``run.position``; returns the best and last validation top-1 (see the module docstring).
+
+    In a data-parallel run rank 0 evaluates and writes files; the other ranks receive its accuracy.
+    """
+    args, world, trainer = run.args, run.world, run.trainer
+    box = trainer.box
+    tensorboard = TensorBoardLogger(args.log_dir) if args.log_dir and world.is_main else None
+    progress = not args.no_progress and world.is_main
+    position = run.position
+    history, best, accuracy = list(position.history), position.best, float('nan')
+    last_path = last_checkpoint_path(run.dst_ckpt)
+
+    def save_state(epoch: int, iteration: int) -> None:
+        save_training_state(last_path, box, Position(epoch, iteration, history, best), world, run.config_text,
+                            run.seed)
+
+    def on_iteration(epoch: int, iteration: int, losses: dict[str, float]) -> None:
+        done = epoch * trainer.iterations_per_epoch + iteration + 1
+        if tensorboard is not None:
+            tensorboard.scalars('train', losses, done - 1)
+        # The epoch's last iteration is followed by the epoch-end state.
+        if args.save_every and done % args.save_every == 0 and iteration + 1 < trainer.iterations_per_epoch:
+            save_state(epoch, iteration + 1)
+
+    start = time.time()
+    for epoch in range(position.epoch, box.num_epochs):
+        box.pre_epoch_process(epoch=epoch)
+        start_iteration = position.iteration if epoch == position.epoch else 0
+        losses = trainer.train_epoch(epoch, start_iteration, progress, on_iteration)
+        accuracy = evaluate(run.student, box.val_data_loader, run.device) if world.is_main else math.nan
+        accuracy = broadcast_float(accuracy, world, run.device)
+        history.append(accuracy)
+        loss_text = '  '.join(f'{k} {v:.4g}' for k, v in losses.items())
+        logger.info(f'Epoch {epoch}: val top-1 {accuracy:.2f}%  {loss_text}')
+        if world.is_main:
+            write_evolution(run.dst_ckpt, history, run.config_path, run.seed)
+            if tensorboard is not None:
+                tensorboard.scalars('val', {'top1': accuracy}, epoch)
+            trainer.after_evaluation(epoch, run.dst_ckpt, tensorboard)
+        if accuracy > best:
+            best = accuracy
+            if world.is_main:
+                save_student(run.dst_ckpt, run.student, trainer, best, vars(args))
+        trainer.post_epoch(accuracy)
+        if trainer.resumable:
+            save_state(epoch + 1, 0)
+    logger.info('Training time %s', datetime.timedelta(seconds=int(time.time() - start)))
+    if tensorboard is not None:
+        tensorboard.close()
+    trainer.close()
+    barrier(world)  # rank 0 has written dst_ckpt before any rank reads it
+    return {'best_val_top1': best, 'last_val_top1': history[-1] if history else accuracy}
+
+
+def execute(run: Run) -> dict[str, float]:
+    """Trains (unless ``-test_only``), then tests the best student and the teacher; returns top-1 in percent."""
+    if run.args.log_config:
+        logger.info(run.config)
+    results: dict[str, float] = {}
+    if run.trainer is not None:
+        results.update(train(run))
+    load_weights_strictly(run.student, run.dst_ckpt, what=f'models.{run.student_key}.dst_ckpt')
+    test_loader_config = run.config['test']['test_data_loader']
+    # Every rank tests on the whole split (no DistributedSampler); only rank 0 prints.
+    test_loader = build_data_loader(run.config['datasets'][test_loader_config['dataset_id']], test_loader_config,
+                                    False)
+    if run.teacher is not None and not run.args.student_only:
+        results['teacher_top1'] = evaluate(run.teacher, test_loader, run.device)
+        logger.info(f"[Teacher: {run.teacher_key}] test top-1 {results['teacher_top1']:.2f}%")
+    role = 'student' if run.student_key == 'student_model' else 'model'
+    results[f'{role}_top1'] = evaluate(run.student, test_loader, run.device)
+    student_key = run.config['models'][run.student_key]['key']
+    logger.info(f"[{role.capitalize()}: {student_key}] test top-1 {results[f'{role}_top1']:.2f}%")
+    return results
+
+
+def run_config(config_path: str | os.PathLike, args: argparse.Namespace, world: World | None = None
+               ) -> dict[str, Any]:
+    """:func:`set_up`, then :func:`execute`."""
+    return execute(set_up(config_path, args, world))

@@ -1,0 +1,202 @@
+"""Small helpers the whole plugin shares, each written once: messages, checks, modules, trees of tensors, atomic writes.
+
+* messages: :func:`first_line` (one line of an exception), :func:`listed` (a bounded list), :func:`show` (a short repr),
+  :func:`did_you_mean`;
+* argument checks that raise ``ValueError`` naming the owner and the argument: :func:`positive_int`,
+  :func:`finite_number`, :func:`one_of`;
+* modules: :func:`unwrap` (DataParallel / DistributedDataParallel), :func:`modes_kept` (train/eval modes restored);
+* trees of tensors (torchdistill I/O dicts): :func:`tree_map`, :func:`cat_rows`;
+* files: :func:`atomic_write` and :func:`atomic_write_text` (temporary file in the same folder, fsync, rename), so a
+  result file is either the old one or the complete new one.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import numbers
+import os
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import Tensor, nn
+
+MAX_MESSAGE_CHARS = 300
+MAX_SHOWN_CHARS = 80
+MAX_LISTED = 25
+
+
+# ----------------------------------------------------------------------------------------------------- messages
+def first_line(error: BaseException, limit: int | None = MAX_MESSAGE_CHARS) -> str:
+    """The first non-empty line of an exception's message, cut at ``limit`` characters (``None``: never).
+
+    A ``KeyError`` reads ``missing key 'x'``.
+    """
+    if isinstance(error, KeyError) and error.args:
+        text = f'missing key {error.args[0]!r}'
+    else:
+        text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + '...'
+
+
+def show(value: Any, limit: int = MAX_SHOWN_CHARS) -> str:
+    """``repr(value)`` on one line, cut at ``limit`` characters."""
+    text = ' '.join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def listed(items: Sequence[Any], limit: int = MAX_LISTED, separator: str = ', ') -> str:
+    """``items`` joined, at most ``limit`` of them and ``+N more``."""
+    shown = [str(item) for item in items[:limit]]
+    if len(items) > limit:
+        shown.append(f'+{len(items) - limit} more')
+    return separator.join(shown)
+
+
+def did_you_mean(word: Any, choices: Iterable[Any]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or ``''``."""
+    matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f' (did you mean {matches[0]!r}?)' if matches else ''
+
+
+# ------------------------------------------------------------------------------------------------ argument checks
+def positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is an integer ``>= minimum`` (booleans are not), else a ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = 'a positive integer' if minimum == 1 else f'an integer >= {minimum}'
+        raise ValueError(f'{owner}: {name} must be {what}, got {value!r}')
+    return value
+
+
+def is_finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def finite_number(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
+                  low_open: bool = True, high_open: bool = True) -> float:
+    """``float(value)`` if it is a finite number within the bounds given (open by default), else a ``ValueError``."""
+    inside = is_finite_number(value) \
+        and (low is None or (value > low if low_open else value >= low)) \
+        and (high is None or (value < high if high_open else value <= high))
+    if not inside:
+        bounds = []
+        if low is not None:
+            bounds.append(f'{">" if low_open else ">="} {low:g}')
+        if high is not None:
+            bounds.append(f'{"<" if high_open else "<="} {high:g}')
+        where = f' {" and ".join(bounds)}' if bounds else ''
+        raise ValueError(f'{owner}: {name} must be a finite number{where}, got {value!r}')
+    return float(value)
+
+
+def one_of(owner: str, name: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a ``ValueError`` listing them (with a did-you-mean)."""
+    if isinstance(value, str) and value in choices:
+        return value
+    raise ValueError(f'{owner}: {name} {value!r} is not one of {", ".join(choices)}{did_you_mean(value, choices)}')
+
+
+# ------------------------------------------------------------------------------------------------------- modules
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DataParallel`` / ``DistributedDataParallel`` (the module itself otherwise)."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
+
+
+@contextlib.contextmanager
+def modes_kept(*modules: nn.Module, eval_mode: bool = False) -> Iterator[None]:
+    """Restores each module's train/eval mode on exit; with ``eval_mode`` the modules are in eval mode meanwhile."""
+    modes = [(module, module.training) for module in modules]
+    try:
+        if eval_mode:
+            for module in modules:
+                module.eval()
+        yield
+    finally:
+        for module, mode in modes:
+            module.train(mode)
+
+
+def load_optional_state(name: str, obj: Any, state: dict | None) -> None:
+    """Loads the state of an optional part (a scheduler), refusing a checkpoint that has one where the run has none
+    (or the reverse)."""
+    if (obj is None) != (state is None):
+        raise ValueError(f'{name}: the checkpoint has {"none" if state is None else "one"}, '
+                         f'the config {"none" if obj is None else "one"}')
+    if obj is not None:
+        obj.load_state_dict(state)
+
+
+# -------------------------------------------------------------------------------------------- trees of tensors
+def tree_map(fn: Callable[[Tensor], Any], tree: Any) -> Any:
+    """``fn`` applied to every tensor of a nest of dicts, lists and tuples (anything else is kept as it is)."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {key: tree_map(fn, value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(tree_map(fn, value) for value in tree)
+    return tree
+
+
+def cat_rows(first: Any, second: Any) -> Any:
+    """Two trees of the same structure with their tensors concatenated along the first (batch) dimension."""
+    if isinstance(first, Tensor):
+        return torch.cat([first, second])
+    if isinstance(first, dict):
+        return {key: cat_rows(value, second[key]) for key, value in first.items()}
+    if isinstance(first, (list, tuple)):
+        return type(first)(cat_rows(a, b) for a, b in zip(first, second))
+    return first
+
+
+def tensors_of(tree: Any) -> list[Tensor]:
+    """Every tensor of a tree, in order."""
+    found: list[Tensor] = []
+    tree_map(found.append, tree)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+def _fsync_directory(directory: Path) -> None:
+    """Makes a completed rename durable (best effort; not possible on every platform)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Writes ``path`` through ``write(file)`` so that it is either the old file or the complete new one.
+
+    ``write`` fills a temporary file in the same folder (a unique name, so concurrent writers never share it); it is
+    flushed, fsynced and moved over ``path`` with :func:`os.replace`. Parent folders are created. On any failure the
+    temporary file is removed and an existing ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """:func:`atomic_write` of a UTF-8 text."""
+    return atomic_write(path, lambda f: f.write(text.encode('utf-8')))
