@@ -15,17 +15,16 @@ Supported files:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pickle
-import secrets
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
 from torch import nn
+
+from .util import atomic_write, listed
 
 StrPath = str | os.PathLike
 
@@ -159,10 +158,7 @@ def load_state_dict_file(path: StrPath, what: str = 'checkpoint') -> dict[str, t
 
 
 def _listed(items: list[str]) -> str:
-    shown = items[:_MAX_LISTED]
-    if len(items) > _MAX_LISTED:
-        shown = [*shown, f'+{len(items) - _MAX_LISTED} more']
-    return '[' + ', '.join(shown) + ']'
+    return '[' + listed(items, limit=_MAX_LISTED) + ']'
 
 
 def _shape(tensor: torch.Tensor) -> str:
@@ -211,39 +207,7 @@ def load_weights_strictly(model: nn.Module, path: StrPath, what: str = 'checkpoi
     model.load_state_dict(state_dict, strict=True)
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Makes a completed rename durable (best effort; not possible on every platform)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_save(obj: Any, path: StrPath) -> None:
-    """Saves ``obj`` with :func:`torch.save` so that ``path`` is either the old file or the complete new one.
-
-    The object is written to a temporary file in the same directory, flushed and fsynced, then moved over ``path``
-    with :func:`os.replace`. Parent directories are created. On any failure the temporary file is removed and an
-    existing ``path`` is left untouched. The file gets the usual umask-based permissions.
-
-    Args:
-        obj: Anything :func:`torch.save` accepts.
-        path: Destination file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(path.parent)
+    """Saves ``obj`` with :func:`torch.save` so that ``path`` is either the old file or the complete new one
+    (:func:`lrwa_plugin.util.atomic_write`: temporary file in the same folder, fsync, rename; parents created)."""
+    atomic_write(path, lambda f: torch.save(obj, f))

@@ -91,3 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary_markdown(summary))
     expected = len(args.configs) * len(args.seeds)
     return 0 if sum(entry['runs'] for entry in summary.values()) == expected else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

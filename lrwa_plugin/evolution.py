@@ -14,11 +14,13 @@ Each run writes ``<dst_ckpt without suffix>.evolution.json``::
 from __future__ import annotations
 
 import json
-import math
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from .util import atomic_write_text
 
 DEFINITION = (
     'With a_e the top-1 test accuracy in percent after epoch e = 1..E: mu = mean(a_e), sigma2 = population variance '
@@ -29,15 +31,6 @@ DEFINITION = (
 STAT_KEYS = ('mu', 'sigma2', 'acc_max', 'final', 'mu_late', 'sigma2_late', 'worst_drop')
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _population_variance(values: Sequence[float]) -> float:
-    mean = _mean(values)
-    return sum((v - mean) ** 2 for v in values) / len(values)
-
-
 def evolution_stats(accuracy: Sequence[float]) -> dict[str, float]:
     """The statistics of :data:`DEFINITION` for one run's per-epoch accuracies (percent)."""
     if len(accuracy) == 0:
@@ -46,8 +39,8 @@ def evolution_stats(accuracy: Sequence[float]) -> dict[str, float]:
     late = values[len(values) // 2:]
     drops = [prev - cur for prev, cur in zip(values, values[1:])]
     return {
-        'mu': _mean(values), 'sigma2': _population_variance(values), 'acc_max': max(values), 'final': values[-1],
-        'mu_late': _mean(late), 'sigma2_late': _population_variance(late),
+        'mu': statistics.fmean(values), 'sigma2': statistics.pvariance(values), 'acc_max': max(values),
+        'final': values[-1], 'mu_late': statistics.fmean(late), 'sigma2_late': statistics.pvariance(late),
         'worst_drop': max([0.0, *drops]),
     }
 
@@ -64,16 +57,12 @@ def write_evolution(dst_ckpt: str | os.PathLike, accuracy: Sequence[float], conf
     path = evolution_path(dst_ckpt)
     record = {'accuracy': [float(a) for a in accuracy], **evolution_stats(accuracy), 'definition': DEFINITION,
               'config': config, 'seed': seed}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(record, indent=2) + '\n')
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(record, indent=2) + '\n')
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and population standard deviation (0 for a single value)."""
-    return _mean(values), math.sqrt(_population_variance(values))
+    return statistics.fmean(values), statistics.pstdev(values)
 
 
 def summarise(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:

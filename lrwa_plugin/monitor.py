@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from .util import atomic_write
+
 
 def _grid(images: Tensor, columns: int, padding: int = 2) -> Tensor:
     images = images.detach().float().cpu()
@@ -49,14 +51,15 @@ def save_sample_grid(images: Tensor, labels: Tensor, path: str | os.PathLike, ti
 
 
 def save_figure(fig: Any, path: str | os.PathLike) -> Path:
-    """Writes a matplotlib figure to ``path`` (parents created) and closes it."""
+    """Writes a matplotlib figure to ``path`` atomically (parents created; the format is the suffix's) and closes it."""
     from matplotlib import pyplot as plt
 
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip('.') or 'png'))
+    finally:
+        plt.close(fig)
     return path
 
 

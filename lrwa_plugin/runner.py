@@ -87,6 +87,11 @@ def load_config(path: str | os.PathLike) -> dict:
         raise ConfigError('--config', f"file '{path}' does not exist")
     try:
         config = yaml_util.load_yaml_file(path)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        what = error.problem or error.context or first_line(error)
+        raise ConfigError('--config', f"'{path}' is not valid YAML: {what}{where}") from error
     except (yaml.YAMLError, ImportError, AttributeError, ValueError, TypeError, KeyError, OSError) as error:
         # Loading runs the !import_call / !import_get tags (datasets, transforms): a wrong name fails here.
         raise ConfigError('--config', f"'{path}' could not be loaded: {first_line(error)}") from error

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from torchdistill.optim.registry import get_optimizer
 
 from ..models.generators import check_generator_fits_teacher
 from ..registry import register_replay
-from ..util import modes_kept, one_of, positive_int
+from ..util import finite_number, modes_kept, one_of, positive_int
 from .base import ReplayContext, Replayed, ReplayMemory
 
 DECODE_BN = ('batch', 'running')
@@ -105,9 +104,7 @@ class GenerativeReplay(ReplayMemory):
             raise ValueError(f'{owner}: train_steps ({train_steps}) must not exceed train_every ({train_every})')
         self.train_size = None if train_size is None else positive_int(owner, 'train_size', train_size)
         self.self_replay = positive_int(owner, 'self_replay', self_replay, minimum=0)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-            raise ValueError(f'{owner}: beta must be a finite number >= 0, got {beta!r}')
-        self.beta = float(beta)
+        self.beta = finite_number(owner, 'beta', beta, low=0, low_open=False)
         self.refine = self._refine_config(refine)
         self.decode_bn = one_of(owner, 'decode_bn', decode_bn, DECODE_BN)
         vae = vae or {'key': 'ReplayVAE', 'kwargs': {}}
