@@ -58,6 +58,8 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument('-student_only', action='store_true', help='test the student model only')
     parser.add_argument('-log_config', action='store_true', help='log config')
     parser.add_argument('-no_progress', action='store_true', help='no progress bars')
+    parser.add_argument('-no_sample_grids', action='store_true',
+                        help='data-free runs: write no per-epoch sample grids (<dst_ckpt stem>.samples/)')
     parser.add_argument('--log_dir', help='write TensorBoard scalars and sample grids to this directory')
     parser.add_argument('--dst_ckpt', help="override the student's dst_ckpt (the evolution JSON and sample grids "
                                            'are written beside it)')

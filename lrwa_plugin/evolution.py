@@ -14,11 +14,14 @@ Each run writes ``<dst_ckpt without suffix>.evolution.json``::
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from scipy.stats import t as student_t
 
 from .util import atomic_write_text
 
@@ -61,12 +64,12 @@ def write_evolution(dst_ckpt: str | os.PathLike, accuracy: Sequence[float], conf
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and population standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.pstdev(values)
+    """Mean and sample standard deviation (``n − 1`` in the denominator; 0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarise(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per label (e.g. a config), each statistic as mean and std over its runs (seeds)."""
+    """Per label (e.g. a config), each statistic as mean and sample std over its runs (seeds)."""
     summary: dict[str, dict[str, Any]] = {}
     for label, records in runs.items():
         entry: dict[str, Any] = {'runs': len(records), 'seeds': [r.get('seed') for r in records]}
@@ -77,14 +80,77 @@ def summarise(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, dict
     return summary
 
 
-def summary_markdown(summary: Mapping[str, Mapping[str, Any]]) -> str:
-    """A markdown table, one row per label, ``mean ± std`` over seeds, with the definition under it."""
-    header = '| config | runs | ' + ' | '.join(STAT_KEYS) + ' |'
-    rule = '|---|---|' + '---|' * len(STAT_KEYS)
+#: The statistics compared run by run against a baseline, primary first (the study fixes mu_late and final).
+PAIRED_KEYS = ('mu_late', 'final', 'mu', 'acc_max', 'sigma2_late', 'worst_drop')
+PAIRED_DEFINITION = (
+    'Paired by seed: for each seed s run by both, d_s = statistic(config, s) - statistic(baseline, s); the table '
+    'gives the mean of d_s over the n paired seeds and its 95% confidence interval mean +- t(0.975, n-1) * sd / '
+    'sqrt(n) (Student t, sd the sample standard deviation of d_s); * marks an interval that excludes 0. The same '
+    'seed gives every arm the same teacher, the same initial student and the same initial generator.'
+)
+
+
+def paired_differences(runs: Mapping[str, Sequence[Mapping[str, Any]]], baseline: str,
+                       keys: Sequence[str] = PAIRED_KEYS, confidence: float = 0.95) -> dict[str, dict[str, Any]]:
+    """Per label other than ``baseline``, each statistic's per-seed difference to the baseline's and its Student t
+    confidence interval over the seeds both ran (see :data:`PAIRED_DEFINITION`).
+
+    Returns:
+        ``{label: {'seeds': [...], key: {'n', 'mean', 'std', 'ci': [low, high], 'excludes_zero', 'per_seed'}}}``;
+        with fewer than two paired seeds the interval is ``[nan, nan]`` and excludes nothing.
+    """
+    by_seed = {label: {r['seed']: r for r in records} for label, records in runs.items()}
+    if baseline not in by_seed:
+        raise ValueError(f"paired_differences: the baseline '{baseline}' has no runs")
+    reference = by_seed[baseline]
+    result: dict[str, dict[str, Any]] = {}
+    for label, records in by_seed.items():
+        if label == baseline:
+            continue
+        seeds = sorted(seed for seed in records if seed in reference)
+        entry: dict[str, Any] = {'seeds': seeds}
+        for key in keys:
+            diffs = [float(records[s][key]) - float(reference[s][key]) for s in seeds]
+            n = len(diffs)
+            mean = statistics.fmean(diffs) if n else math.nan
+            std = statistics.stdev(diffs) if n > 1 else math.nan
+            half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n) if n > 1 else math.nan
+            low, high = mean - half, mean + half
+            entry[key] = {'n': n, 'mean': mean, 'std': std, 'ci': [low, high],
+                          'excludes_zero': bool(n > 1 and (low > 0 or high < 0)),
+                          'per_seed': {str(s): d for s, d in zip(seeds, diffs)}}
+        result[label] = entry
+    return result
+
+
+def summary_markdown(summary: Mapping[str, Mapping[str, Any]], paired: Mapping[str, Mapping[str, Any]] | None = None,
+                     baseline: str | None = None, seconds: Mapping[str, float] | None = None) -> str:
+    """The summary as markdown: one row per label with each statistic ``mean ± std`` over seeds (and the compute it
+    took), the definition under it; with ``paired``, a second table of the differences to ``baseline``."""
+    with_time = seconds is not None
+    header = '| config | runs | ' + ' | '.join(STAT_KEYS) + (' | run time (s) |' if with_time else ' |')
+    rule = '|---|---|' + '---|' * (len(STAT_KEYS) + with_time)
     rows = [f"| {label} | {entry['runs']} | "
-            + ' | '.join(f"{entry[k]['mean']:.2f} ± {entry[k]['std']:.2f}" for k in STAT_KEYS) + ' |'
+            + ' | '.join(f"{entry[k]['mean']:.2f} ± {entry[k]['std']:.2f}" for k in STAT_KEYS)
+            + (f' | {seconds.get(label, math.nan):.0f}' if with_time else '') + ' |'
             for label, entry in summary.items()]
-    return '\n'.join([header, rule, *rows, '', f'Mean ± std over seeds. {DEFINITION}', ''])
+    lines = [header, rule, *rows, '', f'Mean ± sample std over seeds. {DEFINITION}'
+             + (' Run time: the wall time of all of the row\'s runs, as compare.py measured them.' if with_time
+                else ''), '']
+    if paired:
+        keys = [k for k in PAIRED_KEYS if k in next(iter(paired.values()))]
+        lines += [f'Paired differences to {baseline} (mean [95% CI]):', '',
+                  '| config | seeds | ' + ' | '.join(f'Δ {k}' for k in keys) + ' |',
+                  '|---|---|' + '---|' * len(keys)]
+        for label, entry in paired.items():
+            cells = []
+            for k in keys:
+                d = entry[k]
+                low, high = d['ci']
+                cells.append(f"{d['mean']:+.2f} [{low:+.2f}, {high:+.2f}]{'*' if d['excludes_zero'] else ''}")
+            lines.append(f"| {label} | {len(entry['seeds'])} | " + ' | '.join(cells) + ' |')
+        lines += ['', PAIRED_DEFINITION, '']
+    return '\n'.join(lines)
 
 
 def plot_evolution(curves: Mapping[str, Sequence[Sequence[float]]], path: str | os.PathLike,
@@ -107,7 +173,7 @@ def plot_evolution(curves: Mapping[str, Sequence[Sequence[float]]], path: str | 
         ax.plot(epochs, means, label=f'{label} (n={len(runs)})')
         ax.fill_between(epochs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel('epoch (line: mean over seeds; band: ± population std)')
+    ax.set_xlabel('epoch (line: mean over seeds; band: ± sample std)')
     ax.set_ylabel('top-1 (%)')
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -241,7 +241,7 @@ def _exact_step(
     l_acq = acquire(evaluator.at())
     g_acq = _acquisition_grads(l_acq, params, second_order)
     fast = _inner_step(params, g_acq, alpha, second_order)
-    with _buffers_kept(evaluator.state.module, keep_bn):
+    with _buffers_kept(evaluator.state, keep_bn):
         l_ret = retain(evaluator.at(fast))
     return l_acq, l_ret, g_acq
 
@@ -256,7 +256,7 @@ def _finite_difference_step(
     g = _dense(params, _acquisition_grads(l_acq, params, second_order=False))
     with torch.no_grad():
         fast = [t.requires_grad_() for t in _inner_step(params, g, alpha, second_order=False)]
-    with _buffers_kept(state.module, keep_bn):
+    with _buffers_kept(state, keep_bn):
         l_ret = retain(evaluator.at(fast))
     v = _dense(fast, list(torch.autograd.grad(l_ret, fast, allow_unused=True)))
     norm = float(torch.nn.utils.get_total_norm(v))
@@ -264,7 +264,7 @@ def _finite_difference_step(
         eps = fd_eps / norm
         shifted = [t.requires_grad_() for t in torch._foreach_add([p.detach() for p in params], v, alpha=eps)]
         # The extra forward only measures the slope: the student's running statistics stay as they were.
-        with _buffers_kept(state.module, True):
+        with _buffers_kept(state, True):
             l_shifted = acquire(evaluator.at(shifted))
         g_shifted = _dense(shifted, list(torch.autograd.grad(l_shifted, shifted, allow_unused=True)))
         hv = torch._foreach_div(torch._foreach_sub(g_shifted, g), eps)
@@ -279,19 +279,28 @@ def _dense(params: Sequence[torch.Tensor], grads: Grads) -> list[torch.Tensor]:
 
 
 @contextmanager
-def _buffers_kept(module: nn.Module, keep: bool) -> Iterator[None]:
-    """With ``keep``, the module's buffers (BatchNorm running statistics) are put back as they were on exit."""
+def _buffers_kept(state: _StudentState, keep: bool) -> Iterator[None]:
+    """With ``keep``, the forwards inside run on copies of the student's buffers (BatchNorm running statistics), so
+    the student's own are left exactly as they were.
+
+    The copies take the buffers' places in the student's submodules (and in higher's patched twins) for the duration;
+    the student's tensors are never written to, so graphs that saved them stay valid.
+    """
     if not keep:
         yield
         return
-    buffers = list(module.buffers())
-    saved = [b.clone() for b in buffers]
+    holders = [sub._buffers for sub in state.module.modules()] + [fsub._buffers for _, fsub in state.module_pairs]
+    originals = [dict(buffers) for buffers in holders]
+    copies: dict[int, torch.Tensor] = {}
     try:
+        for buffers in holders:
+            for name, tensor in buffers.items():
+                if tensor is not None:
+                    buffers[name] = copies.setdefault(id(tensor), tensor.clone())
         yield
     finally:
-        if buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(buffers, saved)
+        for buffers, original in zip(holders, originals):
+            buffers.update(original)
 
 
 def _acquisition_grads(l_acq: torch.Tensor, params: Sequence[torch.Tensor], second_order: bool) -> Grads:

@@ -266,7 +266,8 @@ def train(run: Run) -> dict[str, float]:
             write_evolution(run.dst_ckpt, history, run.config_path, run.seed)
             if tensorboard is not None:
                 tensorboard.scalars('val', {'top1': accuracy}, epoch)
-            trainer.after_evaluation(epoch, run.dst_ckpt, tensorboard)
+            if not args.no_sample_grids:
+                trainer.after_evaluation(epoch, run.dst_ckpt, tensorboard)
         if accuracy > best:
             best = accuracy
             if world.is_main:

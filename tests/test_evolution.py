@@ -5,11 +5,12 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import DIGITS_CONFIGS, SHORT_RUN, run_cli, write_config
 from PIL import Image
 
 from lrwa_plugin.compare import main as compare_main
-from lrwa_plugin.evolution import DEFINITION, evolution_stats, summarise, summary_markdown
+from lrwa_plugin.evolution import DEFINITION, PAIRED_DEFINITION, evolution_stats, summarise, summary_markdown
 
 
 def test_statistics_of_a_known_accuracy_list():
@@ -31,10 +32,10 @@ def test_monotone_run_has_no_drop_and_single_epoch_is_defined():
         evolution_stats([])
 
 
-def test_summary_is_mean_and_std_over_seeds_with_the_definition():
+def test_summary_is_mean_and_sample_std_over_seeds_with_the_definition():
     runs = {'a': [evolution_stats([10.0, 20.0]) | {'seed': 0}, evolution_stats([30.0, 40.0]) | {'seed': 1}]}
     summary = summarise(runs)
-    assert summary['a']['final'] == {'mean': 30.0, 'std': 10.0}
+    assert summary['a']['final'] == {'mean': 30.0, 'std': pytest.approx(math.sqrt(200))}  # n - 1 = 1
     table = summary_markdown(summary)
     assert '| a | 2 | ' in table and DEFINITION in table
 
@@ -55,24 +56,82 @@ def test_two_epoch_run_writes_evolution_json_sample_grids_and_tensorboard_events
     assert len(events) == 1 and events[0].stat().st_size > 1000
 
 
-def test_compare_runs_configs_over_seeds_and_writes_the_three_files(work, capsys):
+def _hand_made_run(out, label: str, seed: int, accuracy: list[float]) -> None:
+    """A finished run as compare leaves it: its result record and its evolution file (so nothing is run)."""
+    run_dir = out / label / f'seed{seed}'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'result.json').write_text(json.dumps({'config': f'{label}.yaml', 'seed': seed, 'exit_status': 0,
+                                                     'seconds': 10.0}))
+    (run_dir / 'student.evolution.json').write_text(json.dumps(evolution_stats(accuracy) | {
+        'accuracy': accuracy, 'seed': seed, 'definition': DEFINITION, 'config': f'{label}.yaml'}))
+
+
+def test_paired_differences_have_the_known_mean_and_student_t_interval(tmp_path, capsys):
+    """Finals (= last epoch) per seed: base 90, 91, 92, 93; better = base + 1.0, 1.2, 0.8, 1.1 (mean 1.025, sd
+    0.17078, t(0.975, 3) = 3.18245: interval [0.7533, 1.2967], excludes 0); noisy = base + 1, 2, 3, -6 (mean 0,
+    interval [-6.50, 6.50])."""
+    out = tmp_path / 'cmp'
+    shifts = {'base': [0, 0, 0, 0], 'better': [1.0, 1.2, 0.8, 1.1], 'noisy': [1.0, 2.0, 3.0, -6.0]}
+    for label, shift in shifts.items():
+        for seed in range(4):
+            _hand_made_run(out, label, seed, [50.0, 90.0 + seed + shift[seed]])
+    configs = []
+    for label in shifts:
+        (tmp_path / f'{label}.yaml').write_text('# hand-made: never run\n')
+        configs.append(str(tmp_path / f'{label}.yaml'))
+    assert compare_main(['--configs', *configs, '--seeds', '0', '1', '2', '3', '--out', str(out),
+                         '--baseline', configs[0]]) == 0
+    summary = json.loads((out / 'summary.json').read_text())
+    better = summary['paired']['configs']['better']['final']
+    assert better['n'] == 4 and better['mean'] == pytest.approx(1.025)
+    assert better['ci'] == pytest.approx([1.025 - 3.182446 * 0.170783 / 2, 1.025 + 3.182446 * 0.170783 / 2], abs=1e-5)
+    assert better['excludes_zero'] and better['per_seed'] == pytest.approx({'0': 1.0, '1': 1.2, '2': 0.8, '3': 1.1})
+    noisy = summary['paired']['configs']['noisy']['final']
+    assert noisy['mean'] == pytest.approx(0.0) and not noisy['excludes_zero']
+    assert noisy['ci'][1] == pytest.approx(3.182446 * math.sqrt(50 / 3) / 2, abs=1e-4)
+    assert summary['paired']['baseline'] == 'base' and summary['seconds'] == {'base': 40.0, 'better': 40.0,
+                                                                              'noisy': 40.0}
+    table = (out / 'summary.md').read_text()
+    assert 'Paired differences to base' in table and PAIRED_DEFINITION in table and '+1.02 [+0.75, +1.30]*' in table
+    bad = compare_main(['--configs', *configs, '--out', str(out), '--baseline', str(tmp_path / 'other.yaml')])
+    assert bad == 2 and '--baseline' in capsys.readouterr().err
+
+
+def test_compare_runs_configs_and_writes_the_three_files(work, capsys):
     configs = [write_config(DIGITS_CONFIGS / f'{name}.yaml', work / f'{name}.yaml',
                             {**SHORT_RUN, 'iterations_per_epoch: 3': 'iterations_per_epoch: 1',
                              'student_steps: 2': 'student_steps: 1'})
                for name in ('dfad', 'lrwa_mb')]
     out = work / 'cmp'
-    argv = ['--configs', *map(str, configs), '--seeds', '0', '1', '--out', str(out)]
+    argv = ['--configs', *map(str, configs), '--seeds', '0', '--out', str(out), '--baseline', str(configs[0])]
     assert compare_main(argv) == 0
     summary = json.loads((out / 'summary.json').read_text())
     assert set(summary['configs']) == {'dfad', 'lrwa_mb'} and summary['failed_runs'] == []
-    assert all(entry['runs'] == 2 and entry['seeds'] == [0, 1] for entry in summary['configs'].values())
+    assert all(entry['runs'] == 1 and entry['seeds'] == [0] for entry in summary['configs'].values())
+    assert set(summary['paired']['configs']) == {'lrwa_mb'}
     table = (out / 'summary.md').read_text().splitlines()
-    assert [line.split('|')[1].strip() for line in table if line.startswith('| ') and 'runs' not in line] == \
-        ['dfad', 'lrwa_mb']
+    assert [line.split('|')[1].strip() for line in table if line.startswith('| ') and 'runs' not in line
+            and 'seeds' not in line][:2] == ['dfad', 'lrwa_mb']
     with Image.open(out / 'evolution.png') as image:
         image.verify()
+    assert not list(out.glob('*/seed0/student.samples'))  # compare's runs write no sample grids by default
     # finished runs are not run again: a second call only re-reads them
     stamps = {p: p.stat().st_mtime for p in out.glob('*/seed*/student.pt')}
     assert compare_main(argv) == 0
     assert all(p.stat().st_mtime == t for p, t in stamps.items())
     assert not math.isnan(summary['configs']['lrwa_mb']['final']['mean'])
+
+
+def test_the_same_seed_gives_every_arm_the_same_initial_student_and_generator(work):
+    """What pairs runs by seed: whatever the strategy and memory, a seed builds the same student and generator."""
+    from lrwa_plugin import cli, runner
+    weights = {}
+    for name in ('dfad', 'mb_dfkd', 'lrwa_gr'):
+        config = write_config(DIGITS_CONFIGS / f'{name}.yaml', work / f'{name}.yaml', SHORT_RUN)
+        args = cli.get_argparser().parse_args(['--config', str(config), '--device', 'cpu', '--seed', '3'])
+        run = runner.set_up(config, args)
+        weights[name] = (run.student.state_dict(), run.trainer.box.generator.state_dict())
+        run.trainer.close()
+    for name in ('mb_dfkd', 'lrwa_gr'):
+        for reference, other in zip(weights['dfad'], weights[name]):
+            assert all(torch.equal(reference[k], other[k]) for k in reference), name
