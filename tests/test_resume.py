@@ -62,10 +62,15 @@ def test_sigkill_then_resume_is_bit_identical(work: Path) -> None:
     assert_same(best_straight, torch.load('killed/student.pt', weights_only=True)['model'])
 
 
-def test_extending_a_finished_run_equals_the_longer_run(work: Path) -> None:
+@pytest.mark.parametrize('name, edits', [
+    ('lrwa_gr', {}),
+    # α follows the learning rate, which the restored scheduler sets: nothing new in the state, the same run
+    ('lrwa_mb', {'alpha: 0.5': 'alpha_per_lr: 1.0'}),
+])
+def test_extending_a_finished_run_equals_the_longer_run(name: str, edits: dict, work: Path) -> None:
     """train.num_epochs may grow on resume (epoch-boundary resume; in process)."""
-    three = write_config(DIGITS_CONFIGS / 'lrwa_gr.yaml', work / 'three.yaml', {**TINY, 'iterations_per_epoch: 25':
-                                                                               'iterations_per_epoch: 3'})
+    three = write_config(DIGITS_CONFIGS / f'{name}.yaml', work / 'three.yaml', {
+        **TINY, 'iterations_per_epoch: 25': 'iterations_per_epoch: 3', **edits})
     assert run_cli(three, '--dst_ckpt', 'a/student.pt') == 0
     two = write_config(three, work / 'two.yaml', {'num_epochs: 3': 'num_epochs: 2'})
     assert run_cli(two, '--dst_ckpt', 'b/student.pt') == 0

@@ -78,3 +78,38 @@ def test_pre_dfkd_is_the_joint_gradient_and_each_strategy_accepts_memories_by_ty
     assert accepted['pre_dfkd'] == ['GenerativeReplay']
     assert {'MemoryBank', 'GenerativeReplay'} <= set(accepted['lrwa'])
     assert all(STRATEGY_DICT[key].key == key for key in STRATEGY_DICT)  # register_strategy sets the key
+
+
+def test_alpha_per_lr_is_the_constant_alpha_at_that_learning_rate():
+    net, acquire, retain = setup()
+    get_strategy('lrwa', alpha_per_lr=2.5, backend='functional').backward(net, StepLosses(acquire, retain, lr=0.04))
+    g = grads(net)
+    net.zero_grad()
+    get_strategy('lrwa', alpha=0.1, backend='functional').backward(net, StepLosses(acquire, retain, lr=0.5))
+    assert torch.allclose(g, grads(net), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="learning rate"):
+        get_strategy('lrwa', alpha_per_lr=1.0).backward(net, StepLosses(acquire, retain))
+
+
+def test_alpha_per_lr_follows_the_students_learning_rate_schedule(work, monkeypatch):
+    """α = c × the optimizer's current learning rate at every student step (cosine over 3 epochs, epoch-wise)."""
+    import math
+
+    from conftest import DIGITS_CONFIGS, SHORT_RUN, run_cli, write_config
+
+    from lrwa_plugin.meta import RetainWhileAcquire
+    seen = []
+    call = RetainWhileAcquire.__call__
+
+    def spy(self, student, acquire, retain=None, alpha=None):
+        if retain is not None:
+            seen.append(alpha)
+        return call(self, student, acquire, retain, alpha)
+
+    monkeypatch.setattr(RetainWhileAcquire, '__call__', spy)
+    config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', {
+        **SHORT_RUN, 'num_epochs: 2': 'num_epochs: 3', 'alpha: 0.5': 'alpha_per_lr: 2.5', 'T_max: 12': 'T_max: 3'})
+    assert run_cli(config) == 0
+    lr = [0.1 * (1 + math.cos(math.pi * epoch / 3)) / 2 for epoch in range(3)]
+    # the memory is empty in epoch 0 (nothing to retain), then 3 iterations x 2 student steps per epoch
+    assert seen == pytest.approx([2.5 * lr[1]] * 6 + [2.5 * lr[2]] * 6, rel=1e-12)

@@ -152,6 +152,38 @@ CASES: list[tuple[str, str, dict[str, str], str, str, Callable[[Path], None] | N
      'train.data_free.generator', 'teacher', None),
     ('teacher asked to learn', 'lrwa_mb', {'    requires_grad: False': '    requires_grad: True'},
      'train.teacher.requires_grad', 'must be False', None),
+    # the strategy's own settings, the released-code parity options and the meta step's knobs
+    ('strategy mapping key unknown', 'mb_dfkd', {"strategy: 'mb_dfkd'": "strategy: {key: 'mb_dfk'}"},
+     'train.strategy.key', "did you mean 'mb_dfkd'", None),
+    ('strategy kwarg unknown', 'mb_dfkd', {"strategy: 'mb_dfkd'":
+                                           "strategy: {key: 'mb_dfkd', kwargs: {combin: 'sum'}}"},
+     'train.strategy.kwargs.combin', "did you mean 'combine'", None),
+    ('combine unknown', 'mb_dfkd', {"strategy: 'mb_dfkd'": "strategy: {key: 'mb_dfkd', kwargs: {combine: 'cat'}}"},
+     'train.strategy.kwargs.combine', "'cat' is not one of sum, concat", None),
+    ('lrwa settings under strategy kwargs', 'lrwa_mb', {"strategy: 'lrwa'":
+                                                        "strategy: {key: 'lrwa', kwargs: {alpha: 0.5}}"},
+     'train.strategy.kwargs', 'train.data_free.meta', None),
+    ('first_push_epoch negative', 'lrwa_mb', {'push_every_epochs: 1,': 'push_every_epochs: 1, first_push_epoch: -1,'},
+     'train.data_free.replay.kwargs.first_push_epoch', 'got -1', None),
+    ('draw unknown', 'lrwa_mb', {'push_every_epochs: 1,': "push_every_epochs: 1, draw: 'one',"},
+     'train.data_free.replay.kwargs.draw', "'one' is not one of samples, batch", None),
+    ('draw batch with a reservoir', 'lrwa_mb', {'push_every_epochs: 1,':
+                                                "push_every_epochs: 1, policy: 'reservoir', draw: 'batch',"},
+     'train.data_free.replay.kwargs', "only policy 'fifo'", None),
+    ('cache_teacher not a boolean', 'lrwa_mb', {'push_every_epochs: 1,': "push_every_epochs: 1, cache_teacher: 'yes',"},
+     'train.data_free.replay.kwargs.cache_teacher', 'expects true or false', None),
+    ('decode_bn unknown', 'lrwa_gr', {'beta: 0.00001': "beta: 0.00001\n        decode_bn: 'eval'"},
+     'train.data_free.replay.kwargs.decode_bn', "'eval' is not one of batch, running", None),
+    ('alpha_per_lr zero', 'lrwa_mb', {'alpha: 0.5': 'alpha_per_lr: 0'},
+     'train.data_free.meta.alpha_per_lr', 'got 0', None),
+    ('alpha and alpha_per_lr both given', 'lrwa_mb', {'alpha: 0.5': 'alpha: 0.5, alpha_per_lr: 1.0'},
+     'train.data_free.meta', 'exactly one of alpha', None),
+    ('neither alpha nor alpha_per_lr', 'lrwa_mb', {'alpha: 0.5, ': ''},
+     'train.data_free.meta', 'exactly one of alpha', None),
+    ('inner_bn unknown', 'lrwa_mb', {"order: 'second'": "order: 'second', inner_bn: 'freeze'"},
+     'train.data_free.meta.inner_bn', "'freeze' is not one of update, keep", None),
+    ('fd_eps zero', 'lrwa_mb', {"order: 'second'": "order: 'finite_difference', fd_eps: 0"},
+     'train.data_free.meta.fd_eps', 'got 0', None),
 ]
 
 
