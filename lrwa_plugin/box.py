@@ -187,7 +187,8 @@ class DataFreeDistillationBox(DistillationBox):
         if self.replay is not None:
             losses.update(self.replay.log_values())
         # BatchNorm statistics moved with each rank's own batches: rank 0's win, as under DDP.
-        broadcast_module_state([self.student_model, self.generator], self.world, buffers_only=True)
+        synced = self.replay.synced() if self.replay is not None else []
+        broadcast_module_state([self.student_model, self.generator, *synced], self.world, buffers_only=True)
         self.last_losses = losses
         return losses
 

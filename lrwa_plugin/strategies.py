@@ -8,6 +8,7 @@ strategy   student gradient                               replay memories it acc
 dfad       ∇L_Acq(θ)                                      none
 mb_dfkd    ∇[L_Acq(θ) + L_Ret(θ)]                         MemoryBank
 pre_dfkd   ∇[L_Acq(θ) + L_Ret(θ)]                         GenerativeReplay
+mad        ∇[L_Acq(θ) + L_Ret(θ)]                         MomentumGenerator
 lrwa       ∇[L_Acq(θ) + L_Ret(θ − α∇L_Acq(θ))]            any :class:`~lrwa_plugin.replay.ReplayMemory`
 =========  =============================================  ==========================================
 
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .meta import DEFAULT_FD_EPS, RetainWhileAcquire
 from .registry import REPLAY_DICT, STRATEGY_DICT, register_strategy
-from .replay import GenerativeReplay, MemoryBank, ReplayMemory
+from .replay import GenerativeReplay, MemoryBank, MomentumGenerator, ReplayMemory
 from .util import finite_number, one_of
 
 LossClosure = Callable[[Callable[..., Any]], Tensor]
@@ -140,12 +141,14 @@ class JointReplay(Strategy):
     """MB-DFKD (Binici et al., WACV 2022): ``∇[L_Acq(θ) + L_Ret(θ)]`` on new and replayed samples.
 
     Args:
-        combine: ``'sum'`` (default): two forwards and two criteria, L_Acq on the new batch plus L_Ret on the replay
-            batch, so both weigh alike whatever their sizes. ``'concat'``: one forward of ``cat(new, replayed)`` and
-            one criterion over all rows, as the papers' released code does (MB-DFKD, PRE-DFKD, and the "LRWA" runs of
-            Patel et al., whose meta step never reached the student: ``distill_knowledge_meta7`` in
-            ``src/agents/predfkd_meta_memory.py`` of github.com/gaurav104/LRA). Then new and replayed samples
-            weigh by their counts (512 : 64 = 8 : 1 there) and share the BatchNorm batch statistics.
+        combine: ``'sum'`` (default): two forwards and two criteria, L_Acq on the new batch plus
+            ``retain_weight × L_Ret`` on the replay batch, so both weigh alike whatever their sizes. ``'concat'``:
+            one forward of ``cat(new, replayed)`` and one criterion over all rows, as the papers' released code does
+            (MB-DFKD, PRE-DFKD, and the "LRWA" runs of Patel et al., whose meta step never reached the student:
+            ``distill_knowledge_meta7`` in ``src/agents/predfkd_meta_memory.py`` of github.com/gaurav104/LRA). Then
+            new and replayed samples weigh by their counts (512 : 64 = 8 : 1 there) and share the BatchNorm batch
+            statistics.
+        retain_weight: the weight of L_Ret with ``combine: 'sum'`` (>= 0; 1 by default).
 
     .. code-block:: yaml
 
@@ -157,8 +160,13 @@ class JointReplay(Strategy):
 
     accepts = (MemoryBank,)
 
-    def __init__(self, combine: str = 'sum') -> None:
+    def __init__(self, combine: str = 'sum', retain_weight: float = 1.0) -> None:
         self.combine = one_of(type(self).__name__, 'combine', combine, COMBINES)
+        self.retain_weight = finite_number(type(self).__name__, 'retain_weight', retain_weight, low=0,
+                                           low_open=False)
+        if self.combine == 'concat' and self.retain_weight != 1.0:
+            raise ValueError(f"{type(self).__name__}: retain_weight is not used with combine 'concat' (new and "
+                             'replayed rows weigh by their counts)')
 
     def backward(self, student: nn.Module, losses: StepLosses) -> dict[str, float]:
         if losses.retain is None:
@@ -171,7 +179,7 @@ class JointReplay(Strategy):
             return loss_values(joint=l_joint)
         l_acq = losses.acquire(student)
         l_ret = losses.retain(student)
-        (l_acq + l_ret).backward()
+        (l_acq + (l_ret if self.retain_weight == 1.0 else self.retain_weight * l_ret)).backward()
         return loss_values(acq=l_acq, ret=l_ret)
 
 
@@ -191,6 +199,27 @@ class PseudoReplay(JointReplay):
     """
 
     accepts = (GenerativeReplay,)
+
+
+@register_strategy(key='mad')
+class MomentumReplay(JointReplay):
+    """MAD (Do, Le, Nguyen, Nguyen, Harikumar, Tran, Rana, Venkatesh, "Momentum Adversarial Distillation: Handling
+    Large Distribution Shifts in Data-Free Knowledge Distillation", NeurIPS 2022): ``∇[L_Acq(θ) + w L_Ret(θ)]`` with
+    L_Ret on samples of an exponential moving average of the generator.
+
+    The gradient is MB-DFKD's (``combine``, ``retain_weight``); the memory is
+    :class:`lrwa_plugin.replay.MomentumGenerator`. With ``strategy: 'lrwa'`` the same memory gives the
+    retain-while-acquire step on the momentum generator's samples.
+
+    .. code-block:: yaml
+
+        train:
+          strategy: 'mad'
+          data_free:
+            replay: {key: 'MomentumGenerator', kwargs: {momentum: 0.95, batch_size: 64}}
+    """
+
+    accepts = (MomentumGenerator,)
 
 
 @register_strategy(key='lrwa')

@@ -126,8 +126,9 @@ def test_a_ddp_wrapper_in_the_yaml_is_replaced_with_a_warning(work: Path, caplog
 
 
 @pytest.mark.skipif(shutil.which('torchrun') is None, reason='torchrun is not on PATH')
-def test_torchrun_runs_the_cli_on_two_cpu_ranks(work: Path) -> None:
-    config = write_config(DIGITS_CONFIGS / 'lrwa_gr.yaml', work / 'run.yaml', TINY)
+@pytest.mark.parametrize('name', ['lrwa_gr', 'lrwa_mad'])
+def test_torchrun_runs_the_cli_on_two_cpu_ranks(name: str, work: Path) -> None:
+    config = write_config(DIGITS_CONFIGS / f'{name}.yaml', work / 'run.yaml', TINY)
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
     result = subprocess.run(['torchrun', '--nproc_per_node', '2', '--master_port', str(free_port()),
                              str(ROOT / 'examples' / 'run_torchdistill.py'), '--config', str(config), '--device', 'cpu',
@@ -137,8 +138,13 @@ def test_torchrun_runs_the_cli_on_two_cpu_ranks(work: Path) -> None:
     assert result.stdout.count('Summary [') == 1  # rank 0 speaks
     state = read_training_state(work / 'out' / 'student.last.pt')
     assert state['world_size'] == 2 and (state['epoch'], state['iteration']) == (1, 0)
-    vaes = [rank['replay']['vae'] for rank in state['ranks']]
-    assert any(not torch.equal(v, vaes[1][k]) for k, v in vaes[0].items())  # per-rank generative replay
+    if name == 'lrwa_gr':
+        vaes = [rank['replay']['vae'] for rank in state['ranks']]
+        assert any(not torch.equal(v, vaes[1][k]) for k, v in vaes[0].items())  # per-rank generative replay
+    else:  # the momentum generator follows the averaged generator: the same EMA on every rank, its own z stream
+        emas = [rank['replay']['ema'] for rank in state['ranks']]
+        assert all(torch.equal(v, emas[1][k]) for k, v in emas[0].items())
+        assert not torch.equal(*(rank['replay']['rng'] for rank in state['ranks']))
     assert (work / 'out' / 'student.pt').is_file() and (work / 'out' / 'student.evolution.json').is_file()
 
 

@@ -182,6 +182,10 @@ CASES: list[tuple[str, str, dict[str, str], str, str, Callable[[Path], None] | N
      'train.data_free.meta', 'exactly one of alpha', None),
     ('inner_bn unknown', 'lrwa_mb', {"order: 'second'": "order: 'second', inner_bn: 'freeze'"},
      'train.data_free.meta.inner_bn', "'freeze' is not one of update, keep", None),
+    ('momentum outside (0, 1)', 'mad', {'momentum: 0.95': 'momentum: 1.5'},
+     'train.data_free.replay.kwargs.momentum', 'finite number > 0 and < 1, got 1.5', None),
+    ('dfad given the momentum generator', 'mad', {"strategy: 'mad'": "strategy: 'dfad'"},
+     'train.data_free.replay', "strategy 'dfad' uses no replay memory", None),
     ('fd_eps zero', 'lrwa_mb', {"order: 'second'": "order: 'finite_difference', fd_eps: 0"},
      'train.data_free.meta.fd_eps', 'got 0', None),
 ]

@@ -138,6 +138,11 @@ class ReplayMemory(ABC):
         """Networks the memory holds (made identical across ranks at the start of a data-parallel run)."""
         return []
 
+    def synced(self) -> list[nn.Module]:
+        """Networks that stay identical across ranks (their buffers follow rank 0's after every iteration, as the
+        student's do); a memory of its own per rank (a memory bank, a VAE) has none."""
+        return []
+
     # ----------------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """The memory's whole state, loadable with ``torch.load(weights_only=True)``."""
