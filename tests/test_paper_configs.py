@@ -42,6 +42,8 @@ DATA_FREE = {
     'pre_dfkd': ('pre_dfkd', 'GenerativeReplay'),
     'lrwa_mb': ('lrwa', 'MemoryBank'),
     'lrwa_gr': ('lrwa', 'GenerativeReplay'),
+    'mad': ('mad', 'MomentumGenerator'),
+    'lrwa_mad': ('lrwa', 'MomentumGenerator'),
 }
 TEACHER_CKPT = 'resource/ckpt/{key}/teacher_resnet34.pt'
 
@@ -84,6 +86,8 @@ def smoke_edits(key: str, name: str) -> dict[str, str]:
     elif replay == 'GenerativeReplay':
         edits.update({'train_size: 256': 'train_size: 1', 'self_replay: 64': 'self_replay: 1',
                       'batch_size: 64             #': 'batch_size: 2              #'})
+    elif replay == 'MomentumGenerator':
+        edits['momentum: 0.95, batch_size: 64'] = 'momentum: 0.95, batch_size: 2'
     return edits
 
 
@@ -159,8 +163,9 @@ def test_data_free_config_runs_with_the_full_models(key, name, teacher_checkpoin
         assert set(student) == set(get_model(student_key, num_classes=classes).state_dict())
     strategy, replay = DATA_FREE[name]
     assert [call[0] for call in strategy_calls] == [strategy, strategy]
-    # the first step has an empty memory; the second replays (a pushed batch, or the VAE trained on step 0)
-    assert [call[1] for call in strategy_calls] == [False, replay is not None]
+    # the first step has an empty memory and the second replays (a pushed batch, or the VAE trained on step 0);
+    # the momentum generator replays from the first generator step on
+    assert [call[1] for call in strategy_calls] == [replay == 'MomentumGenerator', replay is not None]
 
 
 @pytest.mark.parametrize('key', ['cifar100'])  # the others are the same file: see the next two tests
@@ -274,6 +279,8 @@ def test_configs_hold_the_published_setting_and_differ_only_in_strategy_and_repl
             assert (kwargs['train_every'], kwargs['train_steps'], kwargs['batch_size']) == (10, 4, 64)
             assert (kwargs['train_size'], kwargs['self_replay']) == (256, 64)
             assert kwargs['vae']['kwargs']['nz'] == 1000 and kwargs['vae']['kwargs']['img_size'] == img
+        elif replay == 'MomentumGenerator':
+            assert data_free['replay']['kwargs'] == {'momentum': 0.95, 'batch_size': 64}
 
     def without_strategy(config: dict) -> dict:
         config = yaml.safe_load(yaml.safe_dump(config))
