@@ -54,7 +54,6 @@ from torchdistill.core.util import extract_io_dict
 
 from .config import DataFreeConfig, parse_data_free
 from .distributed import GradientAverager, World, broadcast_module_state
-from .errors import ConfigError
 from .generation import GeneratorStep
 from .guard import NonFiniteGuard, weighted_terms
 from .models.generators import check_generator_fits_teacher
@@ -211,10 +210,23 @@ class DataFreeDistillationBox(DistillationBox):
 
     @torch.no_grad()
     def monitor_batches(self, n: int = 32) -> dict[str, Tensor]:
-        """A fresh generated batch and, when the memory holds samples, a replayed one (for sample grids)."""
-        with modes_kept(self.generator, eval_mode=True):
+        """A fresh generated batch and, when the memory holds samples, a replayed one (for sample grids).
+
+        It changes nothing the run uses — the global random streams and the memory's are restored, and so are the
+        buffers of the memory's networks (a VAE decoding in train mode moves its BatchNorm statistics) — so a run
+        gives the same results with or without its sample grids.
+        """
+        devices = [self.device] if self.device.type == 'cuda' else []
+        memory_stream = self.replay.rng.get_state() if self.replay is not None else None
+        buffers = [b for m in (self.replay.modules() if self.replay is not None else []) for b in m.buffers()]
+        saved = [b.clone() for b in buffers]
+        with torch.random.fork_rng(devices=devices), modes_kept(self.generator, eval_mode=True):
             batches = {'generated': self.sample(n)}
-        replayed = self.replay.sample(n, device=self.device) if self.replay is not None else None
+            replayed = self.replay.sample(n, device=self.device) if self.replay is not None else None
+        if memory_stream is not None:
+            self.replay.rng.set_state(memory_stream)
+        if buffers:
+            torch._foreach_copy_(buffers, saved)
         if replayed is not None:
             batches['replayed'] = replayed.x
         return batches
@@ -248,16 +260,13 @@ def _applied(value: float) -> Tensor:
 def _torchdistill_view(train_config: dict) -> dict:
     """The ``train`` block as torchdistill's box may consume it: a copy (torchdistill edits it in place, e.g. the
     learning rate by ``lr_factor``), without ``teacher/student.wrapper`` (the data-free box runs the plain modules)
-    and with a frozen teacher."""
-    view = copy.deepcopy({key: value for key, value in train_config.items() if key not in ('strategy', 'data_free')})
-    teacher_config = view.setdefault('teacher', {})
-    if teacher_config.get('requires_grad', False):
-        raise ConfigError('train.teacher.requires_grad', 'must be False: the teacher is frozen in data-free '
-                                                         'distillation')
-    teacher_config['requires_grad'] = False
-    if view.get('optimizer', {}).get('grad_accum_step', 1) != 1:
-        raise ConfigError('train.optimizer.grad_accum_step', 'must be 1 for data-free distillation: every student '
-                                                             'step sees a fresh generated batch')
+    or a training loader (it would only be loaded), and with a frozen teacher."""
+    ignored = ('strategy', 'data_free', 'train_data_loader')
+    if train_config.get('train_data_loader') is not None:
+        logger.warning('train.train_data_loader is not used: a data-free run (train.strategy) trains on generated '
+                       'samples; the real data only evaluates the student')
+    view = copy.deepcopy({key: value for key, value in train_config.items() if key not in ignored})
+    view.setdefault('teacher', {})['requires_grad'] = False  # parse_data_free refused anything else
     for role in ('teacher', 'student'):
         wrapper = view.get(role, {}).pop('wrapper', None)
         if wrapper is not None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -31,7 +33,10 @@ from torchdistill.misc.log import set_basic_log_config, setup_log_file
 
 from .distributed import World, destroy, init_distributed
 from .errors import ConfigError, NonFiniteLossError
+from .outputs import check_writable
 from .runner import load_config, run_config
+from .stopping import RunStopped, interruptible
+from .util import first_line
 
 logger = def_logger.getChild(__name__)
 
@@ -95,10 +100,50 @@ def run_demo(args: argparse.Namespace, world: World | None = None,
     return results
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags that need no config: the device, the number of processes, the log file."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise ConfigError('--device', f"{args.device!r} is not a device ({first_line(error)}); expected e.g. 'cpu', "
+                                      "'cuda' or 'cuda:0'") from error
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError('--device', f"{args.device!r}, but this machine has no CUDA device; use --device cpu")
+    if device.type not in ('cpu', 'cuda'):
+        raise ConfigError('--device', f"{args.device!r}: the runner supports 'cpu' and 'cuda' devices")
+    if args.world_size < 1:
+        raise ConfigError('--world_size', f'expected a number of processes >= 1, got {args.world_size}')
+    if args.run_log is not None:
+        check_writable(files=[(args.run_log, '--run_log')])
+
+
+def stopped_message(stop: RunStopped, argv: Sequence[str]) -> str:
+    """The one line a stopped run prints: where its state is and the command that continues it."""
+    if stop.state_path is None:
+        return f'stopped: {stop}; a run without train.strategy cannot resume (its best student is at dst_ckpt)'
+    kept, skip = [], False
+    for arg in argv:  # the same command, with --resume pointing at the state
+        if skip:
+            skip = False
+        elif arg == '--resume':
+            skip = True
+        elif not arg.startswith('--resume='):
+            kept.append(arg)
+    command = shlex.join(['python', '-m', 'lrwa_plugin', *kept, '--resume', stop.state_path])
+    return f"stopped: {stop}; the training state is '{stop.state_path}'; continue the run with: {command}"
+
+
 def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike | None = None) -> int:
-    """Entry point; returns the exit status: 2 for a config error found before training, 3 for a non-finite loss."""
+    """Entry point; returns the exit status: 2 for a config error found before training, 3 for a non-finite loss,
+    128 + the signal's number for a run stopped by SIGINT / SIGTERM."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = get_argparser().parse_args(argv)
     set_basic_log_config()
+    try:
+        check_flags(args)
+    except ConfigError as error:
+        sys.stderr.write(f'error: {error}\n')
+        return 2
     if args.run_log is not None:
         setup_log_file(os.path.expanduser(args.run_log))
     logger.info(args)
@@ -112,15 +157,26 @@ def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike |
         setup_for_distributed(False)
         def_logger.setLevel(logging.WARNING)
     try:
-        if args.config is None:
-            results = run_demo(args, world, demo_config_dir)
-            label = f'digits demo ({DEMO_STUDENT_CONFIG}.yaml, seed {DEMO_SEED if args.seed is None else args.seed})'
-        else:
-            results = run_config(args.config, args, world)
-            label = args.config
+        with interruptible():
+            if args.config is None:
+                results = run_demo(args, world, demo_config_dir)
+                seed = DEMO_SEED if args.seed is None else args.seed
+                label = f'digits demo ({DEMO_STUDENT_CONFIG}.yaml, seed {seed})'
+            else:
+                results = run_config(args.config, args, world)
+                label = args.config
     except (ConfigError, NonFiniteLossError) as error:
         sys.stderr.write(f'error: {error}\n')  # every rank: print is rank 0's only
         return 2 if isinstance(error, ConfigError) else 3
+    except RunStopped as stop:
+        if world.is_main:
+            sys.stderr.write(stopped_message(stop, argv) + '\n')
+        return stop.exit_status
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, 'signum', signal.SIGINT)
+        sys.stderr.write(f'stopped: {signal.Signals(signum).name} outside training (while setting up, or testing '
+                         'the trained student); no training state was written by this run\n')
+        return 128 + signum
     finally:
         destroy(world)
     summary = ', '.join(f'{k} {v:.2f}' + ('%' if 'top1' in k else ' s' if k == 'seconds' else '')

@@ -42,6 +42,7 @@ from .validation import (
     choice,
     count,
     dry_build,
+    finite,
     mapping,
     refused,
     require,
@@ -200,7 +201,21 @@ def parse_data_free(train: Any) -> DataFreeConfig | None:
     generator = _parse_generator(data_free.get('generator'), 'train.data_free.generator')
     replay = _parse_replay(data_free.get('replay'), STRATEGY_DICT[key])
     strategy = _strategy(key, kwargs, data_free)
+    _check_data_free_train_block(train)
     return DataFreeConfig(strategy=strategy, num_epochs=num_epochs, generator=generator, replay=replay, **counts)
+
+
+def _check_data_free_train_block(train: Mapping) -> None:
+    """What of torchdistill's ``train`` block a data-free run reads differently: a frozen teacher, one step per
+    generated batch, no training data."""
+    teacher = train.get('teacher') or {}
+    if isinstance(teacher, Mapping) and teacher.get('requires_grad', False):
+        raise ConfigError('train.teacher.requires_grad', 'must be False: the teacher is frozen in data-free '
+                                                         'distillation')
+    optimizer = train.get('optimizer') or {}
+    if isinstance(optimizer, Mapping) and optimizer.get('grad_accum_step', 1) != 1:
+        raise ConfigError('train.optimizer.grad_accum_step', 'must be 1 for data-free distillation: every student '
+                                                             'step sees a fresh generated batch')
 
 
 # ------------------------------------------------------------------------------------------- component checks
@@ -245,6 +260,70 @@ def _check_dataset_id(config: Mapping, section: str, loader: str, datasets: Mapp
                           f'known: {known}; needed: {why}')
 
 
+#: torchdistill's process hooks of the ``train`` block, with the names of their registries.
+PROCESS_REGISTRIES = {'pre_epoch_process': 'PRE_EPOCH_PROC_FUNC_DICT',
+                      'pre_forward_process': 'PRE_FORWARD_PROC_FUNC_DICT',
+                      'post_forward_process': 'POST_FORWARD_PROC_FUNC_DICT',
+                      'post_epoch_process': 'POST_EPOCH_PROC_FUNC_DICT'}
+#: Keys of torchdistill's ``train.optimizer`` block (besides key and kwargs).
+OPTIMIZER_EXTRA_KEYS = ('module_wise_configs', 'filters_params', 'max_grad_norm', 'grad_accum_step')
+#: Step-wise scheduling is tried for at most this many steps (a dummy optimizer: the checks cost nothing).
+MAX_CHECKED_SCHEDULER_STEPS = 20_000
+
+
+def _check_loader(block: Any, path: str) -> None:
+    block = mapping(block, path)
+    kwargs = mapping(block.get('kwargs') or {}, f'{path}.kwargs')
+    if 'batch_size' in kwargs:
+        count(kwargs['batch_size'], f'{path}.kwargs.batch_size')
+    if 'num_workers' in kwargs:
+        count(kwargs['num_workers'], f'{path}.kwargs.num_workers', minimum=0)
+
+
+def _scheduler_steps(train: Mapping, data_free: DataFreeConfig | None) -> int:
+    """How often the student's scheduler steps over the run (epoch-wise: once an epoch)."""
+    epochs = train.get('num_epochs') if isinstance(train.get('num_epochs'), int) else 1
+    every = (train.get('scheduler') or {}).get('scheduling_step', 0)
+    if not every or data_free is None:
+        return max(1, epochs)
+    optimizer_steps = epochs * data_free.iterations_per_epoch * data_free.student_steps
+    return max(1, min(optimizer_steps // every, MAX_CHECKED_SCHEDULER_STEPS))
+
+
+def check_train_block(train: Mapping, data_free: DataFreeConfig | None) -> None:
+    """torchdistill's own keys of ``train``, which torchdistill only reads when it builds the box (or later): its
+    process hooks, the student optimizer, scheduler (stepped as the run will step it) and criterion, the loaders."""
+    from torchdistill.core.interfaces import registry as processes
+
+    for key, registry in PROCESS_REGISTRIES.items():
+        if train.get(key) is not None:
+            choice(train[key], sorted(getattr(processes, registry)), f'train.{key}', key.replace('_', ' '))
+    optimizer = None
+    if train.get('optimizer'):
+        block = mapping(train['optimizer'], 'train.optimizer')
+        check_keys(block, ('key', 'kwargs', *OPTIMIZER_EXTRA_KEYS), 'train.optimizer')
+        if block.get('max_grad_norm') is not None:
+            finite(block['max_grad_norm'], 'train.optimizer.max_grad_norm', positive=True)
+        if 'grad_accum_step' in block:
+            count(block['grad_accum_step'], 'train.optimizer.grad_accum_step')
+        optimizer = check_optimizer({'key': block.get('key'), 'kwargs': block.get('kwargs')}, 'train.optimizer')
+    if train.get('scheduler'):
+        block = mapping(train['scheduler'], 'train.scheduler')
+        check_keys(block, ('key', 'kwargs', 'scheduling_step'), 'train.scheduler')
+        if 'scheduling_step' in block:
+            count(block['scheduling_step'], 'train.scheduler.scheduling_step', minimum=0)
+        if optimizer is None:
+            raise ConfigError('train.scheduler', 'set, but train.optimizer is missing')
+        check_scheduler({'key': block.get('key'), 'kwargs': block.get('kwargs')}, 'train.scheduler', optimizer,
+                        steps=_scheduler_steps(train, data_free))
+    if data_free is not None:
+        check_criterion(require(train, 'criterion', 'train', "the student's criterion (L_Acq and L_Ret)"),
+                        'train.criterion', "the student's loss terms")
+    for loader in ('train_data_loader', 'val_data_loader'):
+        if train.get(loader) is not None:
+            _check_loader(train[loader], f'train.{loader}')
+
+
 def validate_config(config: Mapping, training: bool = True) -> DataFreeConfig | None:
     """Checks, before any model is built, what the runner needs: the datasets to evaluate on and the plugin's blocks.
 
@@ -260,6 +339,7 @@ def validate_config(config: Mapping, training: bool = True) -> DataFreeConfig | 
     """
     datasets = mapping(config.get('datasets', {}), 'datasets')
     _check_dataset_id(config, 'test', 'test_data_loader', datasets, 'the real dataset the final model is tested on')
+    _check_loader(config['test']['test_data_loader'], 'test.test_data_loader')
     if not training:
         return None
     _check_dataset_id(config, 'train', 'val_data_loader', datasets,
@@ -270,9 +350,12 @@ def validate_config(config: Mapping, training: bool = True) -> DataFreeConfig | 
         if 'stage1' not in train:  # multi-stage configs name their loaders per stage
             _check_dataset_id(config, 'train', 'train_data_loader', datasets,
                               'a run without train.strategy is plain torchdistill and trains on this real dataset')
+            with rng_untouched():
+                check_train_block(train, None)
         return None
     with rng_untouched():
         check_data_free(data_free)
+        check_train_block(train, data_free)
     return data_free
 
 

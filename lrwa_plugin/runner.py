@@ -12,11 +12,14 @@ state to ``<dst_ckpt stem>.last.pt`` (:mod:`lrwa_plugin.resume`) — then tests 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import math
 import os
+import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +39,11 @@ from torchdistill.models.registry import get_model
 from .box import DataFreeDistillationBox
 from .checkpoint import load_weights_strictly
 from .config import DataFreeConfig, validate_config
-from .distributed import World, barrier, broadcast_float, device_for
+from .distributed import World, any_rank, barrier, broadcast_float, device_for
 from .errors import ConfigError
-from .evolution import write_evolution
+from .evolution import evolution_path, write_evolution
 from .monitor import TensorBoardLogger
+from .outputs import RunLock, check_writable
 from .resume import (
     Position,
     check_same_run,
@@ -48,6 +52,7 @@ from .resume import (
     restore_training_state,
     save_training_state,
 )
+from .stopping import RunStopped, StopRequest, stop_requests
 from .training import DataFreeTrainer, SupervisedTrainer, Trainer, evaluate, save_student
 from .util import first_line
 from .validation import narrow_path, without_prefix
@@ -150,7 +155,9 @@ def build_trainer(teacher: nn.Module | None, student: nn.Module, config: dict, d
     if data_free is not None:
         box = DataFreeDistillationBox(teacher, student, dataset_dict, train_config, device, device_ids,
                                       distributed, lr_factor, world=world, data_free=data_free)
-        trainer: Trainer = DataFreeTrainer(box, teacher, world, config.get('models', {}), student_key)
+        val_id = train_config['val_data_loader']['dataset_id']
+        trainer: Trainer = DataFreeTrainer(box, teacher, world, config.get('models', {}), student_key,
+                                           (val_id, dataset_dict[val_id]))
     elif distributed and device.type != 'cuda':
         raise ConfigError('--world_size', "data-parallel training without train.strategy runs torchdistill's own "
                                           'box, which synchronises nothing on the CPU; use --device cuda or a single '
@@ -180,6 +187,8 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
                                           f'{args.save_every}')
     if args.resume is not None and args.start_epoch:
         raise ConfigError('--start_epoch', 'not with --resume (the training state says where the run continues)')
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+        raise ConfigError('--seed', f'expected an integer from 0 to 2**32 - 1 (NumPy seeds no other), got {args.seed}')
     state = read_training_state(args.resume) if args.resume is not None else None
     seed = state['seed'] if state is not None and args.seed is None else args.seed
     set_seed(seed)
@@ -189,6 +198,10 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
     except (ImportError, AttributeError, TypeError, KeyError) as error:
         raise ConfigError('dependencies', first_line(error)) from error
     data_free = validate_config(config, training=not args.test_only)
+    num_epochs = config.get('train', {}).get('num_epochs')
+    if not args.test_only and isinstance(num_epochs, int) and not 0 <= args.start_epoch < num_epochs:
+        raise ConfigError('--start_epoch', f'expected an epoch from 0 to train.num_epochs - 1 = {num_epochs - 1}, got '
+                                           f'{args.start_epoch}')
     models_config = config.get('models', {})
     student_key = 'student_model' if 'student_model' in models_config else 'model'
     if student_key not in models_config:
@@ -204,8 +217,11 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
     if dst_ckpt is None:
         raise ConfigError(f'models.{student_key}.dst_ckpt', 'missing (where the trained student is written)')
     dst_ckpt = os.path.expanduser(str(dst_ckpt))
+    dst_key = '--dst_ckpt' if args.dst_ckpt is not None else f'models.{student_key}.dst_ckpt'
     if args.test_only and not os.path.isfile(dst_ckpt):
-        raise ConfigError(f'models.{student_key}.dst_ckpt', f"-test_only: no trained student at '{dst_ckpt}'")
+        raise ConfigError(dst_key, f"-test_only: no trained student at '{dst_ckpt}'")
+    if not args.test_only:
+        check_writable(*outputs_of(dst_ckpt, dst_key, args, data_free is not None))
     student = load_model(student_config, student_key, device, world.distributed)
     trainer = None if args.test_only else build_trainer(teacher, student, config, data_free, device, world, args,
                                                         student_key)
@@ -226,61 +242,90 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
     return run
 
 
+def outputs_of(dst_ckpt: str, key: str, args: argparse.Namespace, data_free: bool
+               ) -> tuple[list[tuple[str | Path, str]], list[tuple[str | Path, str]]]:
+    """Every file and folder a training run writes, each with the key or flag that names it."""
+    files: list[tuple[str | Path, str]] = [(dst_ckpt, key), (evolution_path(dst_ckpt), key),
+                                           (Path(dst_ckpt).with_name(Path(dst_ckpt).name + '.lock'), key)]
+    folders: list[tuple[str | Path, str]] = []
+    if data_free:
+        files.append((last_checkpoint_path(dst_ckpt), key))
+        if not args.no_sample_grids:
+            stem = Path(dst_ckpt)
+            folders.append((stem.with_name(stem.stem + '.samples'), key))
+    if args.log_dir:
+        folders.append((args.log_dir, '--log_dir'))
+    return files, folders
+
+
 # ---------------------------------------------------------------------------------------------------- execution
 def train(run: Run) -> dict[str, float]:
     """Runs the epochs from ``run.position``; returns the best and last validation top-1 (see the module docstring).
 
-    In a data-parallel run rank 0 evaluates and writes files; the other ranks receive its accuracy.
+    In a data-parallel run rank 0 evaluates and writes files; the other ranks receive its accuracy. A SIGINT or
+    SIGTERM stops the run at the next boundary with its training state saved there (:mod:`lrwa_plugin.stopping`).
     """
     args, world, trainer = run.args, run.world, run.trainer
     box = trainer.box
     tensorboard = TensorBoardLogger(args.log_dir) if args.log_dir and world.is_main else None
     progress = not args.no_progress and world.is_main
-    position = run.position
-    history, best, accuracy = list(position.history), position.best, float('nan')
+    at = Position(run.position.epoch, run.position.iteration, list(run.position.history), run.position.best)
     last_path = last_checkpoint_path(run.dst_ckpt)
 
     def save_state(epoch: int, iteration: int) -> None:
-        save_training_state(last_path, box, Position(epoch, iteration, history, best), world, run.config_text,
+        save_training_state(last_path, box, Position(epoch, iteration, at.history, at.best), world, run.config_text,
                             run.seed)
 
-    def on_iteration(epoch: int, iteration: int, losses: dict[str, float]) -> None:
-        done = epoch * trainer.iterations_per_epoch + iteration + 1
-        if tensorboard is not None:
-            tensorboard.scalars('train', losses, done - 1)
-        # The epoch's last iteration is followed by the epoch-end state.
-        if args.save_every and done % args.save_every == 0 and iteration + 1 < trainer.iterations_per_epoch:
-            save_state(epoch, iteration + 1)
+    def stop_if_asked(request: StopRequest, epoch: int, iteration: int) -> None:
+        """Honours a SIGINT / SIGTERM: the state where the run stands (as --save_every writes it), then RunStopped."""
+        if not request.requested(world):
+            return
+        if trainer.resumable:
+            save_state(epoch, iteration)
+        raise RunStopped(request.signum or signal.SIGTERM, f'epoch {epoch}, iteration {iteration}',
+                         str(last_path) if trainer.resumable else None)
 
     start = time.time()
-    for epoch in range(position.epoch, box.num_epochs):
-        box.pre_epoch_process(epoch=epoch)
-        start_iteration = position.iteration if epoch == position.epoch else 0
-        losses = trainer.train_epoch(epoch, start_iteration, progress, on_iteration)
-        accuracy = evaluate(run.student, box.val_data_loader, run.device) if world.is_main else math.nan
-        accuracy = broadcast_float(accuracy, world, run.device)
-        history.append(accuracy)
-        loss_text = '  '.join(f'{k} {v:.4g}' for k, v in losses.items())
-        logger.info(f'Epoch {epoch}: val top-1 {accuracy:.2f}%  {loss_text}')
-        if world.is_main:
-            write_evolution(run.dst_ckpt, history, run.config_path, run.seed)
+    with stop_requests() as request:
+        def on_iteration(epoch: int, iteration: int, losses: dict[str, float]) -> None:
+            done = epoch * trainer.iterations_per_epoch + iteration + 1
             if tensorboard is not None:
-                tensorboard.scalars('val', {'top1': accuracy}, epoch)
-            if not args.no_sample_grids:
-                trainer.after_evaluation(epoch, run.dst_ckpt, tensorboard)
-        if accuracy > best:
-            best = accuracy
+                tensorboard.scalars('train', losses, done - 1)
+            if iteration + 1 < trainer.iterations_per_epoch:  # the epoch's last is followed by the epoch-end state
+                if args.save_every and done % args.save_every == 0:
+                    save_state(epoch, iteration + 1)
+                stop_if_asked(request, epoch, iteration + 1)
+
+        for epoch in range(at.epoch, box.num_epochs):
+            box.pre_epoch_process(epoch=epoch)
+            start_iteration = at.iteration if epoch == at.epoch else 0
+            losses = trainer.train_epoch(epoch, start_iteration, progress, on_iteration)
+            accuracy = evaluate(run.student, box.val_data_loader, run.device) if world.is_main else math.nan
+            accuracy = broadcast_float(accuracy, world, run.device)
+            at.history.append(accuracy)
+            loss_text = '  '.join(f'{k} {v:.4g}' for k, v in losses.items())
+            logger.info(f'Epoch {epoch}: val top-1 {accuracy:.2f}%  {loss_text}')
             if world.is_main:
-                save_student(run.dst_ckpt, run.student, trainer, best, vars(args))
-        trainer.post_epoch(accuracy)
-        if trainer.resumable:
-            save_state(epoch + 1, 0)
+                write_evolution(run.dst_ckpt, at.history, run.config_path, run.seed)
+                if tensorboard is not None:
+                    tensorboard.scalars('val', {'top1': accuracy}, epoch)
+                if not args.no_sample_grids:
+                    trainer.after_evaluation(epoch, run.dst_ckpt, tensorboard)
+            if accuracy > at.best:
+                at.best = accuracy
+                if world.is_main:
+                    save_student(run.dst_ckpt, run.student, trainer, at.best, vars(args))
+            trainer.post_epoch(accuracy)
+            if trainer.resumable:
+                save_state(epoch + 1, 0)
+            if epoch + 1 < box.num_epochs:
+                stop_if_asked(request, epoch + 1, 0)
     logger.info('Training time %s', datetime.timedelta(seconds=int(time.time() - start)))
     if tensorboard is not None:
         tensorboard.close()
     trainer.close()
     barrier(world)  # rank 0 has written dst_ckpt before any rank reads it
-    return {'best_val_top1': best, 'last_val_top1': history[-1] if history else accuracy}
+    return {'best_val_top1': at.best, 'last_val_top1': at.history[-1] if at.history else math.nan}
 
 
 def execute(run: Run) -> dict[str, float]:
@@ -307,5 +352,29 @@ def execute(run: Run) -> dict[str, float]:
 
 def run_config(config_path: str | os.PathLike, args: argparse.Namespace, world: World | None = None
                ) -> dict[str, Any]:
-    """:func:`set_up`, then :func:`execute`."""
-    return execute(set_up(config_path, args, world))
+    """:func:`set_up`, then :func:`execute` while holding the run's lock on its checkpoint."""
+    run = set_up(config_path, args, world)
+    with locked(run):
+        return execute(run)
+
+
+@contextlib.contextmanager
+def locked(run: Run) -> Iterator[None]:
+    """Holds ``<dst_ckpt>.lock`` (rank 0, for every rank) while a training run executes (:class:`RunLock`)."""
+    if run.trainer is None:  # -test_only reads only
+        yield
+        return
+    key = '--dst_ckpt' if run.args.dst_ckpt is not None else f'models.{run.student_key}.dst_ckpt'
+    lock = RunLock(run.dst_ckpt, key)
+    refusal: ConfigError | None = None
+    if run.world.is_main:
+        try:
+            lock.acquire()
+        except ConfigError as error:
+            refusal = error
+    if any_rank(refusal is not None, run.world):
+        raise refusal or ConfigError(key, 'rank 0 could not lock the checkpoint: another run is writing to it')
+    try:
+        yield
+    finally:
+        lock.release()

@@ -85,21 +85,23 @@ class DataFreeTrainer:
         world: this process's place in a ``torchrun`` run.
         models_config: the ``models`` block (to name the student's ``num_classes`` in a message).
         student_key: ``'student_model'``.
+        evaluation: ``(dataset id, dataset)`` the student is evaluated on: generated samples must look like its.
     """
 
     resumable: ClassVar[bool] = True
 
     def __init__(self, box: DataFreeDistillationBox, teacher: nn.Module, world: World, models_config: dict,
-                 student_key: str) -> None:
+                 student_key: str, evaluation: tuple[str, Any] | None = None) -> None:
         self.box, self.teacher, self.world = box, teacher, world
         self.models_config, self.student_key = models_config, student_key
+        self.evaluation = evaluation
 
     @property
     def iterations_per_epoch(self) -> int:
         return self.box.iterations_per_epoch
 
     def prepare(self) -> None:
-        check_models_agree(self.box, self.models_config, self.student_key)
+        check_models_agree(self.box, self.models_config, self.student_key, self.evaluation)
         box = self.box
         # Every rank starts from rank 0's weights, then draws its own z.
         broadcast_module_state([box.student_model, box.generator, *(box.replay.modules() if box.replay else [])],
@@ -157,14 +159,32 @@ def _forward(model: nn.Module, x: Tensor, path: str, what: str) -> Any:
                                 f'{first_line(error)}') from error
 
 
-def check_models_agree(box: DataFreeDistillationBox, models_config: dict, student_key: str = 'student_model') -> None:
-    """One forward of two generated samples through teacher and student: their class counts must agree.
+def _sample_shape(dataset: Any) -> tuple[int, ...] | None:
+    """The shape of one sample of an evaluation dataset (``dataset[0][0]``), if it is a tensor."""
+    try:
+        sample = dataset[0][0]
+    except Exception:  # a dataset that cannot be indexed that way: nothing to compare
+        return None
+    return tuple(sample.shape) if isinstance(sample, Tensor) else None
+
+
+def _classes(dataset: Any) -> int | None:
+    classes = getattr(dataset, 'num_classes', None) or len(getattr(dataset, 'classes', ()) or ()) or None
+    return classes if isinstance(classes, int) else None
+
+
+def check_models_agree(box: DataFreeDistillationBox, models_config: dict, student_key: str = 'student_model',
+                       evaluation: tuple[str, Any] | None = None) -> None:
+    """One forward of two generated samples through teacher and student: their class counts must agree, and the
+    samples must have the shape of the data the student is evaluated on (a fully convolutional teacher takes any
+    size, so a generator of the wrong ``img_size`` would train a student for data it never sees).
 
     Runs in eval mode under ``no_grad`` with the global random generator restored afterwards, so no BatchNorm
     statistics move and the run draws exactly what it would without the check.
 
     Raises:
-        ConfigError: the generated batch does not go through a model, or the class counts differ.
+        ConfigError: the generated batch does not go through a model, has another shape than the evaluation data,
+            or the class counts differ.
     """
     generator = unwrap(box.generator)
     teacher, student = unwrap(box.teacher_model), unwrap(box.student_model)
@@ -174,6 +194,8 @@ def check_models_agree(box: DataFreeDistillationBox, models_config: dict, studen
         except (RuntimeError, ValueError, TypeError) as error:
             raise ConfigError('train.data_free.generator.kwargs',
                               f'the generator cannot produce a batch: {first_line(error)}') from error
+        if evaluation is not None:
+            _check_sample_shape(tuple(x.shape[1:]), *evaluation)
         teacher_out = _forward(teacher, x, 'train.data_free.generator', 'teacher')
         student_out = _forward(student, x, f'models.{student_key}', 'student')
     if not (isinstance(teacher_out, Tensor) and isinstance(student_out, Tensor)
@@ -184,6 +206,21 @@ def check_models_agree(box: DataFreeDistillationBox, models_config: dict, studen
         path = f'models.{student_key}' + ('.kwargs.num_classes' if 'num_classes' in student_kwargs else '')
         raise ConfigError(path, f'the student predicts {student_out.shape[1]} classes but the teacher '
                                 f'(models.teacher_model) {teacher_out.shape[1]}; they must agree')
+    classes = _classes(evaluation[1]) if evaluation is not None else None
+    if classes is not None and teacher_out.shape[1] != classes:
+        raise ConfigError('models.teacher_model', f'the teacher predicts {teacher_out.shape[1]} classes but the '
+                                                  f'evaluation data (datasets.{evaluation[0]}) has {classes}')
+
+
+def _check_sample_shape(generated: tuple[int, ...], dataset_id: str, dataset: Any) -> None:
+    expected = _sample_shape(dataset)
+    if expected is None or generated == expected:
+        return
+    shape = 'x'.join(map(str, generated)), 'x'.join(map(str, expected))
+    key = 'nc' if len(generated) == len(expected) and generated[0] != expected[0] else 'img_size'
+    raise ConfigError(f'train.data_free.generator.kwargs.{key}',
+                      f'the generator makes samples of shape {shape[0]} but the student is evaluated on '
+                      f'{shape[1]} (datasets.{dataset_id}): set nc and img_size to match')
 
 
 # ------------------------------------------------------------------------------------------------ supervised

@@ -176,6 +176,8 @@ def check_kwargs(factory: Callable[..., Any], kwargs: Mapping, path: str, name: 
                 continue
             raise ConfigError(f'{path}.{key}', f'{name} does not accept it{did_you_mean(key, params)}; '
                                                f'accepted: {", ".join(params) or "none"}')
+        if _number_hint(value):  # nobody means the string '1e-3'
+            raise ConfigError(f'{path}.{key}', f'expected a number, got {show(value)}{_number_hint(value)}')
         annotation = params[key].annotation
         if annotation is not inspect.Parameter.empty and _fits(value, annotation) is False:
             members = typing.get_args(annotation) or (annotation,)

@@ -135,3 +135,17 @@ def test_the_same_seed_gives_every_arm_the_same_initial_student_and_generator(wo
     for name in ('mb_dfkd', 'lrwa_gr'):
         for reference, other in zip(weights['dfad'], weights[name]):
             assert all(torch.equal(reference[k], other[k]) for k in reference), name
+
+
+@pytest.mark.parametrize('name', ['lrwa_mb', 'lrwa_gr'])
+def test_sample_grids_change_nothing_the_run_computes(name, work):
+    config = write_config(DIGITS_CONFIGS / f'{name}.yaml', work / 'run.yaml', SHORT_RUN)
+    assert run_cli(config, '--dst_ckpt', 'grids/student.pt') == 0
+    assert run_cli(config, '--dst_ckpt', 'none/student.pt', '-no_sample_grids') == 0
+    from conftest import assert_same
+
+    from lrwa_plugin.resume import read_training_state
+    with_grids, without = (read_training_state(f'{d}/student.last.pt') for d in ('grids', 'none'))
+    assert_same(with_grids['box'], without['box'])
+    assert_same(with_grids['ranks'], without['ranks'])
+    assert (work / 'grids/student.samples').is_dir() and not (work / 'none/student.samples').exists()

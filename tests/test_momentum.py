@@ -69,7 +69,7 @@ def test_samples_have_the_generators_shape_come_from_its_own_stream_and_move_no_
 
 def test_state_round_trips_through_a_weights_only_load(tmp_path):
     memory, generator = attached(seed=3)
-    for k in range(2):
+    for _ in range(2):
         step(generator, 0.05)
         memory.after_generator_step()
     torch.save(memory.state_dict(), tmp_path / 'state.pt')

@@ -188,3 +188,46 @@ def test_a_state_that_does_not_fit_the_models_is_one_line(finished: Path, work: 
     assert error.count('\n') == 0 and error.startswith('error: --resume: the checkpoint does not fit the models built '
                                                        'from the config: '), error
     assert snapshot(work / 'out') == before
+
+
+def _wait_for_state(path: Path, process: subprocess.Popen, epoch: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if path.is_file() and read_training_state(path)['epoch'] >= epoch:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f'no training state of epoch {epoch} before the run ended')
+
+
+def test_sigint_and_sigterm_stop_with_a_resumable_state_and_one_line(work: Path) -> None:
+    """Stopped by SIGINT in epoch 1, resumed, stopped by SIGTERM in epoch 2, resumed to the end: bit for bit the run
+    that was never stopped. Each stop prints one line naming the state file and the command that continues."""
+    config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', {
+        **TINY, 'iterations_per_epoch: 25': 'iterations_per_epoch: 12'})
+    assert run_cli(config, '--dst_ckpt', 'straight/student.pt') == 0
+    state = last_checkpoint_path('stopped/student.pt')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+    flags: tuple[str, ...] = ()
+    for signum, epoch in ((signal.SIGINT, 1), (signal.SIGTERM, 2)):
+        process = subprocess.Popen(command(config, 'stopped/student.pt', '-no_sample_grids', *flags), env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for_state(state, process, epoch)
+            process.send_signal(signum)
+            _, err = process.communicate(timeout=120)
+        finally:
+            process.kill()
+        assert process.returncode == 128 + signum, err
+        lines = [line for line in err.splitlines() if not line[:4].isdigit()]  # not the log lines
+        assert len(lines) == 1 and lines[0].startswith(f'stopped: stopped by {signum.name} before epoch '), lines
+        assert f"the training state is '{state}'" in lines[0]
+        resume = lines[0].split('continue the run with: ')[1]
+        assert resume.endswith(f'--resume {state}') and '--dst_ckpt stopped/student.pt' in resume
+        stopped = read_training_state(state)
+        assert stopped['epoch'] == epoch and 0 < stopped['iteration'] < 12  # at an iteration boundary, mid-epoch
+        flags = ('--resume', str(state))
+    assert run_cli(config, '--dst_ckpt', 'stopped/student.pt', '-no_sample_grids', *flags) == 0
+    straight, resumed = (read_training_state(p) for p in (last_checkpoint_path('straight/student.pt'), state))
+    assert_same(straight['box'], resumed['box'])
+    assert_same(straight['ranks'], resumed['ranks'])
+    assert straight['history'] == resumed['history']

@@ -66,7 +66,7 @@ def test_strategies_take_only_their_own_settings_and_unknown_strategies_list_the
         get_strategy('lrwa')
     with pytest.raises(ValueError, match='exactly one of alpha'):
         get_strategy('lrwa', alpha=0.5, alpha_per_lr=1.0)
-    with pytest.raises(ValueError, match='dfad, lrwa, mb_dfkd'):
+    with pytest.raises(ValueError, match='dfad, lrwa, mad, mb_dfkd, pre_dfkd'):
         get_strategy('lrwa2')
 
 

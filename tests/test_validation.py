@@ -47,7 +47,7 @@ CASES: list[tuple[str, str, dict[str, str], str, str, Callable[[Path], None] | N
     ('strategy unknown', 'lrwa_mb', {"strategy: 'lrwa'": "strategy: 'lrwaa'"},
      'train.strategy', "did you mean 'lrwa'", None),
     ('strategy not a string', 'lrwa_mb', {"strategy: 'lrwa'": 'strategy: [lrwa]'},
-     'train.strategy', 'dfad, lrwa, mb_dfkd', None),
+     'train.strategy', 'dfad, lrwa, mad, mb_dfkd, pre_dfkd', None),
     ('data_free without strategy', 'lrwa_mb', {"  strategy: 'lrwa'\n": ''},
      'train.data_free', 'train.strategy is missing', None),
     ('num_epochs zero', 'lrwa_mb', {'num_epochs: 2': 'num_epochs: 0'},
@@ -188,6 +188,38 @@ CASES: list[tuple[str, str, dict[str, str], str, str, Callable[[Path], None] | N
      'train.data_free.replay', "strategy 'dfad' uses no replay memory", None),
     ('fd_eps zero', 'lrwa_mb', {"order: 'second'": "order: 'finite_difference', fd_eps: 0"},
      'train.data_free.meta.fd_eps', 'got 0', None),
+    # values that pass their type but make the run meaningless or doomed
+    ('generator img_size other than the data', 'lrwa_mb', {'img_size: 8': 'img_size: 16'},
+     'train.data_free.generator.kwargs.img_size', 'makes samples of shape 1x16x16 but the student is evaluated on '
+                                                  '1x8x8', None),
+    ('dst_ckpt under a file', 'lrwa_mb', {"dst_ckpt: 'resource/ckpt/digits/lrwa_mb.pt'": "dst_ckpt: 'run.yaml/s.pt'"},
+     'models.student_model.dst_ckpt', 'is a file, not a folder', None),
+    ('dst_ckpt a folder', 'lrwa_mb', {"dst_ckpt: 'resource/ckpt/digits/lrwa_mb.pt'": "dst_ckpt: 'resource/ckpt'"},
+     'models.student_model.dst_ckpt', 'is a folder; expected the path of a file', None),
+    ('student loss weight a string', 'lrwa_mb', {"{key: 'LogitsL1Loss', kwargs: {}}, weight: 1.0}":
+                                                 "{key: 'LogitsL1Loss', kwargs: {}}, weight: 'abc'}"},
+     'train.criterion.kwargs.sub_terms.l1.weight', "got 'abc'", None),
+    ('student loss unknown', 'lrwa_mb', {"key: 'LogitsL1Loss'": "key: 'LogitsL1Los'"},
+     'train.criterion.kwargs.sub_terms.l1.criterion.key', "did you mean 'LogitsL1Loss'", None),
+    ('student scheduler unknown', 'lrwa_mb', {"key: 'CosineAnnealingLR'": "key: 'CosineAnnealingLRR'"},
+     'train.scheduler.key', "did you mean 'CosineAnnealingLR'", None),
+    ('student scheduler T_max zero', 'lrwa_mb', {'kwargs: {T_max: 12}': 'kwargs: {T_max: 0}'},
+     'train.scheduler.kwargs', 'CosineAnnealingLR refused it', None),
+    ('student learning rate negative', 'lrwa_mb', {'lr: 0.1, momentum': 'lr: -0.1, momentum'},
+     'train.optimizer.kwargs', 'Invalid learning rate', None),
+    ('student learning rate read as text', 'lrwa_mb', {'lr: 0.1, momentum': 'lr: 1e-1, momentum'},
+     'train.optimizer.kwargs.lr', "YAML reads 1e-1 as text; write 1.0e-1", None),
+    ('generator learning rate read as text', 'lrwa_mb', {'kwargs: {lr: 0.001}': 'kwargs: {lr: 1e-3}'},
+     'train.data_free.generator.optimizer.kwargs.lr', 'write 1.0e-3', None),
+    ('validation batch size zero', 'lrwa_mb', {'    kwargs: {batch_size: 360, num_workers: 0}\n  teacher:':
+                                               '    kwargs: {batch_size: 0, num_workers: 0}\n  teacher:'},
+     'train.val_data_loader.kwargs.batch_size', 'positive integer, got 0', None),
+    ('post-forward process unknown', 'lrwa_mb', {"\n  optimizer:\n    key: 'SGD'":
+                                                 "\n  post_forward_process: 'default_post_forward_proces'\n"
+                                                 "  optimizer:\n    key: 'SGD'"},
+     'train.post_forward_process', "did you mean 'default_post_forward_process'", None),
+    ('memory that never replays', 'lrwa_mb', {'push_every_epochs: 1,': 'push_every_epochs: 2,'},
+     'train.data_free.replay.kwargs', 'would never replay anything', None),
 ]
 
 

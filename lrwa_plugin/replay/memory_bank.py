@@ -111,6 +111,18 @@ class MemoryBank(ReplayMemory):
         self._sample_dtype: torch.dtype | None = None
         self._pending: Tensor | None = None
 
+    @classmethod
+    def check_config(cls, kwargs: dict[str, Any], config: Any) -> None:
+        """The run's rule: a memory whose first push comes after the last epoch would never replay anything (a
+        one-epoch run, a smoke test, is let through: no memory bank can replay in it)."""
+        every = kwargs.get('push_every_epochs', 1)
+        first = kwargs.get('first_push_epoch')
+        first = every - 1 if first is None and isinstance(every, int) else first
+        if config.num_epochs > 1 and isinstance(first, int) and first >= config.num_epochs - 1:
+            raise ValueError(f'MemoryBank: its first push is after epoch {first} (push_every_epochs {every}, '
+                             f'first_push_epoch {kwargs.get("first_push_epoch")}) but the run ends after epoch '
+                             f'{config.num_epochs - 1}: it would never replay anything; push earlier or train longer')
+
     def __len__(self) -> int:
         return sum(len(batch) for batch in self._batches)
 

@@ -1,0 +1,94 @@
+"""Stopping a run with Ctrl-C (SIGINT) or SIGTERM: at the next iteration boundary, with a training state to resume.
+
+While a run trains, :func:`stop_requests` turns the first SIGINT or SIGTERM into a request that the training loop
+honours at the next point where its whole state can be saved: after an iteration (not the epoch's last: the epoch
+ends first) or at an epoch end. It saves the training state there, exactly as ``--save_every`` would, and raises
+:class:`RunStopped`, which the command line prints as one line naming the state file and the ``--resume`` command
+(exit status 128 + the signal's number: 130 for SIGINT, 143 for SIGTERM). Resuming from it continues bit for bit.
+A second signal stops at once (``KeyboardInterrupt``). Under ``torchrun`` every rank stops at the same boundary.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+from .distributed import World, any_rank
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunStopped(Exception):
+    """The run stopped on a signal at a boundary; ``state_path`` holds its training state (None: not resumable).
+
+    Args:
+        signum: the signal.
+        where: ``'epoch E, iteration I'``: the position the state continues from.
+        state_path: the training state written there, or None for a run that cannot resume.
+    """
+
+    def __init__(self, signum: int, where: str, state_path: str | None) -> None:
+        self.signum, self.where, self.state_path = signum, where, state_path
+        super().__init__(f'stopped by {signal.Signals(signum).name} before {where}')
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+
+class Interrupted(KeyboardInterrupt):
+    """A SIGINT or SIGTERM outside training (set-up, testing): the run stops where it is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM raises :class:`Interrupted` as SIGINT raises ``KeyboardInterrupt`` (main thread only), so either ends
+    in one line instead of a silent kill."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class StopRequest:
+    """The signal received while training, if any (see :func:`stop_requests`)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self, world: World) -> bool:
+        """Whether any rank received a signal (a tiny all-reduce under torchrun, so every rank agrees)."""
+        return any_rank(self.signum is not None, world)
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[StopRequest]:
+    """Installs the request handlers for SIGINT and SIGTERM while training (main thread only), then the old ones."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.signal(s, request.handle) for s in SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
