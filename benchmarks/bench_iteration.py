@@ -10,8 +10,12 @@ and are reported as the median seconds per iteration (wall time, and this proces
 shared machine disturb less), iterations per second, and the ratios to ``dfad`` measured in this run. Nothing is
 asserted on timings.
 
-Variants: ``dfad``, ``mb_dfkd``, ``lrwa`` (``lrwa_mb.yaml`` as shipped: backend higher, second order) and two
-edits of ``lrwa_mb.yaml``: ``lrwa_functional`` (backend functional) and ``lrwa_first`` (first order).
+Variants: ``dfad``, ``mb_dfkd``, ``lrwa`` (``lrwa_mb.yaml`` as shipped: backend higher, second order) and edits of
+them: ``lrwa_functional`` (backend functional), ``lrwa_first`` (first order), ``lrwa_fd`` (finite-difference
+Hessian), and ``mb_dfkd_recompute`` / ``lrwa_recompute`` with ``cache_teacher: false`` (the memory bank keeps no
+teacher outputs, so every replay batch costs a teacher forward, as before the cache). For each, the share of the
+iteration's time spent in teacher forwards is measured too (a forward pre-hook and hook on the teacher: generator
+step, student steps, replay batches, pushes).
 
 Needs the digits teacher at ``resource/ckpt/digits/teacher.pt`` (relative to the repository root, where the configs
 point); if it is missing it is trained first with ``examples/configs/digits/teacher.yaml`` (about 20 s), unless
@@ -46,14 +50,32 @@ from lrwa_plugin.runner import load_model
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / 'examples' / 'configs' / 'digits'
 TEACHER_CONFIG = CONFIGS / 'teacher.yaml'
-#: variant -> (config file, edits of train.data_free.meta)
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+#: variant -> (config file, edits of train.data_free: {block: {key: value}} merged into meta / replay.kwargs)
+VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     'dfad': ('dfad.yaml', {}),
     'mb_dfkd': ('mb_dfkd.yaml', {}),
+    'mb_dfkd_recompute': ('mb_dfkd.yaml', {'replay': {'cache_teacher': False}}),
     'lrwa': ('lrwa_mb.yaml', {}),
-    'lrwa_functional': ('lrwa_mb.yaml', {'backend': 'functional'}),
-    'lrwa_first': ('lrwa_mb.yaml', {'order': 'first'}),
+    'lrwa_recompute': ('lrwa_mb.yaml', {'replay': {'cache_teacher': False}}),
+    'lrwa_functional': ('lrwa_mb.yaml', {'meta': {'backend': 'functional'}}),
+    'lrwa_first': ('lrwa_mb.yaml', {'meta': {'order': 'first'}}),
+    'lrwa_fd': ('lrwa_mb.yaml', {'meta': {'order': 'finite_difference'}}),
 }
+
+
+class TeacherTimer:
+    """Accumulates the wall time of the teacher's forwards (a forward pre-hook starts the clock, a hook stops it)."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        self.seconds = 0.0
+        self._start: float | None = None
+        self.handles = [teacher.register_forward_pre_hook(self._begin), teacher.register_forward_hook(self._end)]
+
+    def _begin(self, *args: Any) -> None:
+        self._start = time.perf_counter()
+
+    def _end(self, *args: Any) -> None:
+        self.seconds += time.perf_counter() - self._start
 
 
 def get_argparser() -> argparse.ArgumentParser:
@@ -120,39 +142,47 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)  # the configs' checkpoint paths are relative to the repository root
     configs = {}
     for variant in args.variants:
-        file, meta_edits = VARIANTS[variant]
+        file, edits = VARIANTS[variant]
         config = yaml_util.load_yaml_file(str(CONFIGS / file))
         import_dependencies(config.get('dependencies'))
-        if meta_edits:
-            config['train']['data_free']['meta'].update(meta_edits)
+        data_free = config['train']['data_free']
+        data_free.get('meta', {}).update(edits.get('meta', {}))
+        data_free.get('replay', {}).get('kwargs', {}).update(edits.get('replay', {}))
         configs[variant] = config
     ensure_teacher(teacher_checkpoint(next(iter(configs.values()))), train=not args.no_train_teacher)
     boxes = {variant: build_box(config, args.seed) for variant, config in configs.items()}
+    timers = {variant: TeacherTimer(box.teacher_model) for variant, box in boxes.items()}
 
     times: dict[str, list[float]] = {variant: [] for variant in args.variants}
     cpu_times: dict[str, list[float]] = {variant: [] for variant in args.variants}
+    teacher_times: dict[str, list[float]] = {variant: [] for variant in args.variants}
     order = list(args.variants)
     for round_index in range(args.warmup + args.steps):
         for variant in order:
-            box = boxes[variant]
+            box, timer = boxes[variant], timers[variant]
             gc.collect()
+            timer.seconds = 0.0
             start, start_cpu = time.perf_counter(), time.process_time()
             box.train_iteration(0, round_index % box.iterations_per_epoch)
             elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             if round_index >= args.warmup:
                 times[variant].append(elapsed)
                 cpu_times[variant].append(elapsed_cpu)
+                teacher_times[variant].append(timer.seconds)
         order = order[1:] + order[:1]
 
     medians = {v: statistics.median(times[v]) for v in args.variants}
     cpu = {v: statistics.median(cpu_times[v]) for v in args.variants}
+    teacher_share = {v: sum(teacher_times[v]) / sum(times[v]) for v in args.variants}
     base = 'dfad' if 'dfad' in medians else args.variants[0]
     first = boxes[args.variants[0]]
     result = {
         'variants': {v: {'median_s': medians[v], 'iterations_per_s': 1 / medians[v],
                          'ratio_to_' + base: medians[v] / medians[base], 'median_cpu_s': cpu[v],
                          'cpu_ratio_to_' + base: cpu[v] / cpu[base], 'times_s': times[v], 'cpu_times_s': cpu_times[v],
-                         'config': VARIANTS[v][0], 'meta': configs[v]['train']['data_free'].get('meta')}
+                         'teacher_forward_share': teacher_share[v], 'teacher_forward_s': teacher_times[v],
+                         'config': VARIANTS[v][0], 'edits': VARIANTS[v][1],
+                         'meta': configs[v]['train']['data_free'].get('meta')}
                      for v in args.variants},
         'settings': {'threads': torch.get_num_threads(), 'steps': args.steps, 'warmup': args.warmup,
                      'batch_size': first.batch_size, 'student_steps': first.student_steps,
@@ -164,14 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f'digits demo configs: batch {first.batch_size}, {first.student_steps} student steps per iteration, '
           f'{torch.get_num_threads()} thread(s), median of {args.steps} interleaved rounds after {args.warmup} '
           f'warm-up; torch {torch.__version__}')
-    print(f'{"variant":<16} {"config":<13} {"wall ms":>8} {"iter/s":>7} {"× " + base:>7} {"CPU ms":>8} '
-          f'{"× " + base:>7}  meta')
+    print(f'{"variant":<18} {"config":<13} {"wall ms":>8} {"iter/s":>7} {"× " + base:>7} {"CPU ms":>8} '
+          f'{"× " + base:>7} {"teacher":>8}  edits')
     for v in args.variants:
-        meta = configs[v]['train']['data_free'].get('meta') or ''
-        print(f'{v:<16} {VARIANTS[v][0]:<13} {medians[v] * 1e3:8.1f} {1 / medians[v]:7.2f} '
-              f'{medians[v] / medians[base]:7.2f} {cpu[v] * 1e3:8.1f} {cpu[v] / cpu[base]:7.2f}  {meta}')
+        print(f'{v:<18} {VARIANTS[v][0]:<13} {medians[v] * 1e3:8.1f} {1 / medians[v]:7.2f} '
+              f'{medians[v] / medians[base]:7.2f} {cpu[v] * 1e3:8.1f} {cpu[v] / cpu[base]:7.2f} '
+              f'{100 * teacher_share[v]:7.1f}%  {VARIANTS[v][1] or ""}')
     print('ms/iter: median time of one whole iteration; wall: perf_counter, iter/s = 1 / wall; '
-          'CPU: process_time of this process')
+          'CPU: process_time of this process; teacher: share of the timed iterations spent in teacher forwards')
     return 0
 
 

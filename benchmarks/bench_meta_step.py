@@ -12,6 +12,12 @@ memory batch ``x_m`` (8), with fixed random "teacher logits" as targets and the 
   the detached copies, never the student. It lives here only, as a timing reference.
 * ``lrwa_higher``, ``lrwa_functional``: :class:`lrwa_plugin.meta.RetainWhileAcquire`, second order, each backend.
 * ``lrwa_first``: the same, ``order='first'``, backend ``higher``.
+* ``lrwa_fd``: the same, ``order='finite_difference'`` (``fd_eps`` 0.01), backend ``higher``: the Hessian-vector
+  product from one extra gradient of L_Acq at ``θ + εv``, so its work is plain + 1 × (acquisition gradient).
+
+Gradient quality: every variant's gradient on the same step, from a fresh copy of the student, against the exact
+second-order gradient (backend functional): cosine similarity and relative error ``‖g − g_exact‖ / ‖g_exact‖``.
+(``plain`` and ``released`` are other objectives; their rows say how far from the meta gradient they are.)
 
 The variants run interleaved (one step of each, in an order rotated every round, then again) after a warm-up, so
 that a change in the machine's load hits all of them alike; each is reported as the median over the rounds and as
@@ -66,14 +72,16 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lrwa_plugin.meta import RetainWhileAcquire  # noqa: E402
 
-VARIANTS = ('plain', 'released', 'lrwa_higher', 'lrwa_functional', 'lrwa_first')
+VARIANTS = ('plain', 'released', 'lrwa_higher', 'lrwa_functional', 'lrwa_first', 'lrwa_fd')
 DESCRIPTIONS = {
     'plain': 'joint step ∇[L_Acq(θ) + L_Ret(θ)] (mb_dfkd)',
     'released': "paper's released step (copy_initial_weights=True: L_Ret never reaches the student)",
     'lrwa_higher': 'lrwa, second order, backend higher',
     'lrwa_functional': 'lrwa, second order, backend functional',
     'lrwa_first': 'lrwa, first order, backend higher',
+    'lrwa_fd': 'lrwa, finite-difference Hessian, backend higher',
 }
+ORDERS = {'lrwa_higher': 'second', 'lrwa_functional': 'second', 'lrwa_first': 'first', 'lrwa_fd': 'finite_difference'}
 Step = Callable[[], None]
 
 
@@ -90,6 +98,7 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument('--warmup', type=int, default=2, help='untimed rounds first')
     parser.add_argument('--alpha', type=float, default=0.9, help='inner step size α')
     parser.add_argument('--lr', type=float, default=0.01, help="student optimizer's learning rate")
+    parser.add_argument('--fd_eps', type=float, default=0.01, help='fd_eps of the finite-difference variant')
     parser.add_argument('--variants', nargs='+', choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument('--no_memory', action='store_true', help='skip the memory measurement')
     parser.add_argument('--ops', action='store_true',
@@ -127,7 +136,7 @@ def released_step(student: nn.Module, optimizer: torch.optim.Optimizer, batches:
 
 
 def make_step(variant: str, student: nn.Module, optimizer: torch.optim.Optimizer, batches: dict[str, torch.Tensor],
-              alpha: float) -> Step:
+              alpha: float, fd_eps: float = 0.01) -> Step:
     x, t, x_m, t_m = batches['x'], batches['t'], batches['x_m'], batches['t_m']
     if variant == 'released':
         return released_step(student, optimizer, batches, alpha)
@@ -138,7 +147,7 @@ def make_step(variant: str, student: nn.Module, optimizer: torch.optim.Optimizer
             optimizer.step()
         return step
     backend = 'functional' if variant == 'lrwa_functional' else 'higher'
-    meta = RetainWhileAcquire(alpha, backend=backend, order='first' if variant == 'lrwa_first' else 'second')
+    meta = RetainWhileAcquire(alpha, backend=backend, order=ORDERS[variant], fd_eps=fd_eps)
 
     def acquire(model: Callable[..., torch.Tensor]) -> torch.Tensor:
         return F.l1_loss(model(x), t)
@@ -246,15 +255,25 @@ def op_breakdown(step: Step, optimizer: torch.optim.Optimizer) -> dict[str, floa
     return out
 
 
-def gradient_agreement(student: nn.Module, batches: dict[str, torch.Tensor], alpha: float) -> float:
-    """Relative difference between the second-order gradients of the two backends, on one copy of the student."""
-    grads = []
-    for backend in ('higher', 'functional'):
-        model = copy.deepcopy(student)
-        RetainWhileAcquire(alpha, backend=backend)(model, lambda m: F.l1_loss(m(batches['x']), batches['t']),
-                                                   lambda m: F.l1_loss(m(batches['x_m']), batches['t_m']))
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    return float((grads[0] - grads[1]).norm() / grads[1].norm())
+def step_gradient(variant: str, student: nn.Module, batches: dict[str, torch.Tensor], alpha: float,
+                  fd_eps: float) -> torch.Tensor:
+    """The gradient ``variant``'s step leaves in ``.grad`` of a fresh copy of the student (flattened)."""
+    model = copy.deepcopy(student)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step computes the gradient, moves nothing
+    make_step(variant, model, optimizer, batches, alpha, fd_eps)()
+    return torch.cat([p.grad.flatten() for p in model.parameters()]).double()  # float64: cosines near 1
+
+
+def gradient_quality(variants: list[str], student: nn.Module, batches: dict[str, torch.Tensor], alpha: float,
+                     fd_eps: float) -> dict[str, dict[str, float]]:
+    """Each variant's gradient against the exact second-order one (functional backend) on the same step."""
+    exact = step_gradient('lrwa_functional', student, batches, alpha, fd_eps)
+    quality = {}
+    for variant in variants:
+        g = exact if variant == 'lrwa_functional' else step_gradient(variant, student, batches, alpha, fd_eps)
+        quality[variant] = {'cosine': float(F.cosine_similarity(g, exact, dim=0)),
+                            'rel_error': float((g - exact).norm() / exact.norm())}
+    return quality
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,13 +285,14 @@ def main(argv: list[str] | None = None) -> int:
     shape = (3, args.img_size, args.img_size)
     batches = {'x': torch.randn(args.acq_batch, *shape), 't': torch.randn(args.acq_batch, args.num_classes),
                'x_m': torch.randn(args.mem_batch, *shape), 't_m': torch.randn(args.mem_batch, args.num_classes)}
-    agreement = gradient_agreement(student, batches, args.alpha)
+    quality = gradient_quality(list(args.variants), student, batches, args.alpha, args.fd_eps)
+    agreement = quality['lrwa_higher']['rel_error'] if 'lrwa_higher' in quality else None
 
     steps, optimizers = {}, {}
     for variant in args.variants:
         model = copy.deepcopy(student)
         optimizers[variant] = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
-        steps[variant] = make_step(variant, model, optimizers[variant], batches, args.alpha)
+        steps[variant] = make_step(variant, model, optimizers[variant], batches, args.alpha, args.fd_eps)
 
     times: dict[str, list[float]] = {variant: [] for variant in args.variants}
     cpu_times: dict[str, list[float]] = {variant: [] for variant in args.variants}
@@ -303,11 +323,14 @@ def main(argv: list[str] | None = None) -> int:
                          'flops_by_kernel': flop_counts[v],
                          'peak_bytes': peaks.get(v),
                          'peak_ratio_to_' + base: peaks[v] / peaks[base] if peaks else None,
+                         'grad_cosine_to_exact': quality[v]['cosine'],
+                         'grad_rel_error_to_exact': quality[v]['rel_error'],
                          'times_s': times[v], 'cpu_times_s': cpu_times[v], 'description': DESCRIPTIONS[v],
                          **({'ops': ops[v]} if ops else {})}
                      for v in args.variants},
         'settings': {'model': args.model, 'num_classes': args.num_classes, 'input': list(shape),
                      'acq_batch': args.acq_batch, 'mem_batch': args.mem_batch, 'alpha': args.alpha,
+                     'fd_eps': args.fd_eps, 'exact_gradient': 'lrwa second order, backend functional',
                      'threads': torch.get_num_threads(), 'steps': args.steps, 'warmup': args.warmup,
                      'torch': torch.__version__, 'higher': getattr(higher, '__version__', 'unknown'),
                      'flop_counter': 'torch.utils.flop_counter.FlopCounterMode, one step',
@@ -323,18 +346,19 @@ def main(argv: list[str] | None = None) -> int:
           f'{torch.get_num_threads()} thread(s), median of {args.steps} interleaved rounds after {args.warmup} '
           f'warm-up; torch {torch.__version__}')
     print(f'{"variant":<16} {"wall ms":>8} {"× " + base:>7} {"CPU ms":>8} {"× " + base:>7} {"GFLOP":>6} '
-          f'{"× " + base:>7} {"peak MiB":>8} {"× " + base:>7}  what')
+          f'{"× " + base:>7} {"peak MiB":>8} {"× " + base:>7} {"cos":>7} {"rel err":>8}  what')
     for v in args.variants:
         peak = '' if not peaks else f'{peaks[v] / 2**20:8.1f} {peaks[v] / peaks[base]:7.2f}'
         print(f'{v:<16} {medians[v] * 1e3:8.1f} {medians[v] / medians[base]:7.2f} {cpu[v] * 1e3:8.1f} '
-              f'{cpu[v] / cpu[base]:7.2f} {flops[v] / 1e9:6.2f} {flops[v] / flops[base]:7.2f} {peak:>16}  '
-              f'{DESCRIPTIONS[v]}')
+              f'{cpu[v] / cpu[base]:7.2f} {flops[v] / 1e9:6.2f} {flops[v] / flops[base]:7.2f} {peak:>16} '
+              f'{quality[v]["cosine"]:7.4f} {quality[v]["rel_error"]:8.2e}  {DESCRIPTIONS[v]}')
     print('wall: perf_counter; CPU: process_time (this process only: steadier than wall time on a shared machine)')
     print('GFLOP: one step counted by torch.utils.flop_counter.FlopCounterMode (the work; machine-independent)')
     if peaks:
         print('peak: tensor bytes allocated during one step over those held before it (torch.profiler, '
               'profile_memory)')
-    print(f'second-order gradients, higher vs functional: relative difference {agreement:.1e}')
+    print("cos, rel err: the step's gradient against the exact second-order one (functional) on the same step: "
+          'cosine similarity, ‖g − g_exact‖ / ‖g_exact‖')
     if hvp:
         print(f'\nL_Acq on the acquisition batch: gradient {hvp["gradient"] / 1e9:.2f} GFLOP; Hessian-vector product '
               f'on top of it {hvp["hvp_reverse_over_reverse"] / 1e9:.2f} GFLOP reverse-over-reverse, '

@@ -6,10 +6,13 @@ again, so a long comparison can be stopped and continued later, and its small pe
 ``student.evolution.json``) can be committed. Then, written atomically:
 
 * ``OUT/summary.json`` and ``OUT/summary.md``: one row per config, each statistic mean ± sample std over seeds, the
-  run time of its runs, the definition under the table; with ``--baseline CONFIG``, a second table of paired
-  differences to that config (per seed, then mean and 95% Student t interval over the seeds;
-  :func:`lrwa_plugin.evolution.paired_differences`);
+  run time of its runs (wall and CPU seconds, as measured here), the definition under the table; with
+  ``--baseline CONFIG``, a second table of paired differences to that config (per seed, then mean and 95% Student t
+  interval over the seeds; :func:`lrwa_plugin.evolution.paired_differences`);
 * ``OUT/evolution.png``: per-epoch accuracy, one line per config, mean with a ±std band over seeds.
+
+``--name NAME`` writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` instead, so other tables (a subset of the configs,
+another baseline) can be made from the same runs.
 
 .. code-block:: bash
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import resource
 import subprocess
 import sys
 import time
@@ -49,6 +54,10 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument('--out', required=True, help='output directory')
     parser.add_argument('--baseline', help='one of --configs: also tabulate every other config\'s paired '
                                            'differences to it, with 95%% confidence intervals')
+    parser.add_argument('--name', default='summary', help='the tables are OUT/NAME.json and OUT/NAME.md, the plot '
+                                                          'OUT/NAME.png (default: summary.json, summary.md, '
+                                                          'evolution.png); another name tabulates other configs or '
+                                                          'another baseline over the same runs')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--sample_grids', action='store_true', help='let the runs write their per-epoch sample grids')
     parser.add_argument('--runner', help='a runner script to use instead of python -m lrwa_plugin '
@@ -66,21 +75,26 @@ def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str | N
     command = [sys.executable, *((runner,) if runner else RUNNER), '--config', str(config), '--seed', str(seed),
                '--device', device, '--dst_ckpt', str(run_dir / 'student.pt'), '--run_log', str(run_dir / 'log.txt'),
                '-no_progress', *(() if sample_grids else ('-no_sample_grids',))]
-    start = time.time()
+    start, children = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(run_dir / 'stdout.txt', 'w') as out:
         status = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
-    record = {'config': str(config), 'seed': seed, 'exit_status': status, 'seconds': time.time() - start}
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (done.ru_utime - children.ru_utime) + (done.ru_stime - children.ru_stime)
+    record = {'config': str(config), 'seed': seed, 'exit_status': status, 'seconds': time.time() - start,
+              'cpu_seconds': cpu}
     if status == 0:
         atomic_write_text(result_path, json.dumps(record, indent=2) + '\n')
     return record
 
 
 def compare(configs: Sequence[str | Path], seeds: Sequence[int], out: str | Path, device: str = 'cpu',
-            runner: str | None = None, baseline: str | Path | None = None, sample_grids: bool = False) -> dict:
-    """Runs every config with every seed, then writes the summary files; returns what summary.json holds."""
+            runner: str | None = None, baseline: str | Path | None = None, sample_grids: bool = False,
+            name: str = 'summary') -> dict:
+    """Runs every config with every seed, then writes the summary files; returns what ``NAME.json`` holds."""
     out = Path(out)
     evolutions: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
+    cpu_seconds: dict[str, float] = {}
     failures = []
     for config in map(Path, configs):
         label = config.stem
@@ -92,20 +106,21 @@ def compare(configs: Sequence[str | Path], seeds: Sequence[int], out: str | Path
                 failures.append(f'{label} seed {seed} (see {run_dir / "stdout.txt"})')
                 continue
             seconds[label] = seconds.get(label, 0.0) + float(record['seconds'])
+            cpu_seconds[label] = cpu_seconds.get(label, 0.0) + float(record.get('cpu_seconds', math.nan))
             evolutions.setdefault(label, []).append(json.loads(evolution_path(run_dir / 'student.pt').read_text()))
     summary: dict[str, Any] = {'definition': DEFINITION, 'configs': summarise(evolutions), 'seconds': seconds,
-                               'failed_runs': failures}
+                               'cpu_seconds': cpu_seconds, 'failed_runs': failures}
     baseline_label = None if baseline is None else Path(baseline).stem
     paired = None
     if baseline_label is not None and baseline_label in evolutions:
         paired = paired_differences(evolutions, baseline_label)
         summary['paired'] = {'baseline': baseline_label, 'definition': PAIRED_DEFINITION, 'configs': paired}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / 'summary.json', json.dumps(summary, indent=2) + '\n')
-    atomic_write_text(out / 'summary.md', summary_markdown(summary['configs'], paired, baseline_label, seconds))
+    atomic_write_text(out / f'{name}.json', json.dumps(summary, indent=2) + '\n')
+    atomic_write_text(out / f'{name}.md', summary_markdown(summary['configs'], paired, baseline_label, seconds))
     if evolutions:
         plot_evolution({label: [r['accuracy'] for r in runs] for label, runs in evolutions.items()},
-                       out / 'evolution.png')
+                       out / ('evolution.png' if name == 'summary' else f'{name}.png'))
     if failures:
         print('failed runs: ' + '; '.join(failures), file=sys.stderr)
     return summary
@@ -128,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --baseline: '{args.baseline}' is not one of --configs", file=sys.stderr)
         return 2
     summary = compare(args.configs, args.seeds, args.out, args.device, args.runner, args.baseline,
-                      args.sample_grids)
+                      args.sample_grids, args.name)
     paired = summary.get('paired')
     print(summary_markdown(summary['configs'], None if paired is None else paired['configs'],
                            None if paired is None else paired['baseline'], summary['seconds']))

@@ -26,13 +26,12 @@ def test_meta_step_json(bench_meta_step, capsys):
                                  '--warmup', '0', '--threads', '1', '--hvp_modes', '--json']) == 0
     result = json.loads(capsys.readouterr().out)
     variants = result['variants']
-    assert list(variants) == ['plain', 'released', 'lrwa_higher', 'lrwa_functional', 'lrwa_first']
+    assert list(variants) == ['plain', 'released', 'lrwa_higher', 'lrwa_functional', 'lrwa_first', 'lrwa_fd']
     for name, variant in variants.items():
         assert variant['median_s'] > 0 and variant['peak_bytes'] > 0 and variant['flops'] > 0, name
     settings = result['settings']
     assert (settings['model'], settings['acq_batch'], settings['mem_batch'], settings['threads']) == \
         ('resnet18', 8, 2, 1)
-    assert settings['grad_rel_diff_higher_vs_functional'] == 0.0
 
     flops = {name: variant['flops'] for name, variant in variants.items()}
     # first order: exactly the plain step's arithmetic (∇L_Acq(θ) reused, one backward of L_Ret at θ')
@@ -51,3 +50,11 @@ def test_meta_step_json(bench_meta_step, capsys):
     assert flops['lrwa_higher'] == flops['plain'] + hvp['hvp_reverse_over_reverse']
     for mode in ('hvp_reverse_over_reverse', 'hvp_forward_over_reverse'):
         assert 2.0 * hvp['gradient'] <= hvp[mode] < 2.2 * hvp['gradient'], mode
+    # the finite-difference step: the plain step's work plus exactly one gradient of L_Acq (at θ + εv)
+    assert flops['lrwa_fd'] == pytest.approx(flops['plain'] + hvp['gradient'], rel=1e-3)
+    # every variant's gradient is compared with the exact one on the same step
+    assert variants['lrwa_functional']['grad_cosine_to_exact'] == pytest.approx(1.0)
+    assert variants['lrwa_higher']['grad_rel_error_to_exact'] == 0.0  # the two backends agree bit for bit
+    for name, variant in variants.items():
+        assert -1.0 <= variant['grad_cosine_to_exact'] <= 1.0 + 1e-6 and variant['grad_rel_error_to_exact'] >= 0, name
+    assert variants['lrwa_fd']['grad_rel_error_to_exact'] < variants['plain']['grad_rel_error_to_exact']
