@@ -156,9 +156,8 @@ class RetainWhileAcquire:
             evaluator = _Evaluator(state, self.backend)
             with evaluator.active():
                 if self.order == 'finite_difference':
-                    l_acq, l_ret, totals = _finite_difference_step(evaluator, acquire, retain, alpha, self.fd_eps,
-                                                                   self.inner_bn == 'keep')
-                    torch.autograd.backward(params, totals)  # accumulated into .grad as .backward() would
+                    l_acq, l_ret = _finite_difference_step(evaluator, acquire, retain, alpha, self.fd_eps,
+                                                           self.inner_bn == 'keep')
                     return l_acq.detach(), l_ret.detach()
                 l_acq, l_ret, g_acq = _exact_step(evaluator, acquire, retain, alpha, self.order == 'second',
                                                   self.inner_bn == 'keep')
@@ -248,8 +247,14 @@ def _exact_step(
 
 def _finite_difference_step(
     evaluator: _Evaluator, acquire: LossFn, retain: LossFn, alpha: float, fd_eps: float, keep_bn: bool
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Order finite_difference: both losses and the whole gradient ``g + v − α [∇L_Acq(θ + εv) − g] / ε``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order finite_difference: accumulates ``v + (g − α [∇L_Acq(θ + εv) − g] / ε)`` into ``.grad``; returns the
+    losses.
+
+    Parameter-sized buffers are the cost here (the activations of a small batch are not): ``v`` goes into ``.grad``
+    first, θ' and θ + εv are dropped as soon as their gradient is taken, and the difference quotient and the sum are
+    formed in place, so at most three such buffers live beside ``.grad``.
+    """
     state = evaluator.state
     params = state.trainable
     l_acq = acquire(evaluator.at())
@@ -259,19 +264,24 @@ def _finite_difference_step(
     with _buffers_kept(state, keep_bn):
         l_ret = retain(evaluator.at(fast))
     v = _dense(fast, list(torch.autograd.grad(l_ret, fast, allow_unused=True)))
+    del fast
     norm = float(torch.nn.utils.get_total_norm(v))
+    torch.autograd.backward(params, v)  # into .grad, as .backward() accumulates (v is read, never written, below)
     if norm > 0:
         eps = fd_eps / norm
         shifted = [t.requires_grad_() for t in torch._foreach_add([p.detach() for p in params], v, alpha=eps)]
+        del v
         # The extra forward only measures the slope: the student's running statistics stay as they were.
         with _buffers_kept(state, True):
             l_shifted = acquire(evaluator.at(shifted))
-        g_shifted = _dense(shifted, list(torch.autograd.grad(l_shifted, shifted, allow_unused=True)))
-        hv = torch._foreach_div(torch._foreach_sub(g_shifted, g), eps)
-        totals = torch._foreach_add(torch._foreach_add(g, v), hv, alpha=-alpha)
-    else:  # nothing to retain: no slope to measure
-        totals = torch._foreach_add(g, v)
-    return l_acq, l_ret, list(totals)
+        slope = _dense(shifted, list(torch.autograd.grad(l_shifted, shifted, allow_unused=True)))
+        del shifted, l_shifted
+        torch._foreach_sub_(slope, g)
+        torch._foreach_div_(slope, eps)  # H v
+        torch._foreach_add_(g, slope, alpha=-alpha)
+        del slope
+    torch.autograd.backward(params, g)
+    return l_acq, l_ret
 
 
 def _dense(params: Sequence[torch.Tensor], grads: Grads) -> list[torch.Tensor]:
