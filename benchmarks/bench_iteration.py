@@ -27,6 +27,7 @@ point); if it is missing it is trained first with ``examples/configs/digits/teac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -104,8 +105,9 @@ def ensure_teacher(path: Path, train: bool) -> None:
         sys.exit(f'error: the digits teacher {path} is missing; train it (about 20 s) with `{command}` '
                  'from the repository root')
     print(f'the digits teacher {path} is missing: training it ({command})', file=sys.stderr)
-    if cli_main(['--config', str(TEACHER_CONFIG), '--device', 'cpu', '--seed', '0', '-no_progress']) != 0 \
-            or not path.is_file():
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the benchmark's (its JSON)
+        status = cli_main(['--config', str(TEACHER_CONFIG), '--device', 'cpu', '--seed', '0', '-no_progress'])
+    if status != 0 or not path.is_file():
         sys.exit(f'error: training the digits teacher failed; run `{command}` from the repository root')
 
 
