@@ -95,6 +95,8 @@ def test_paired_differences_have_the_known_mean_and_student_t_interval(tmp_path,
     assert 'Paired differences to base' in table and PAIRED_DEFINITION in table and '+1.02 [+0.75, +1.30]*' in table
     bad = compare_main(['--configs', *configs, '--out', str(out), '--baseline', str(tmp_path / 'other.yaml')])
     assert bad == 2 and '--baseline' in capsys.readouterr().err
+    assert compare_main(['--configs', *configs, '--out', str(out), '--jobs', '0']) == 2
+    assert '--jobs: expected a positive integer, got 0' in capsys.readouterr().err
 
 
 def test_compare_runs_configs_and_writes_the_three_files(work, capsys):
@@ -103,9 +105,13 @@ def test_compare_runs_configs_and_writes_the_three_files(work, capsys):
                              'student_steps: 2': 'student_steps: 1'})
                for name in ('dfad', 'lrwa_mb')]
     out = work / 'cmp'
-    argv = ['--configs', *map(str, configs), '--seeds', '0', '--out', str(out), '--baseline', str(configs[0])]
+    argv = ['--configs', *map(str, configs), '--seeds', '0', '--out', str(out), '--baseline', str(configs[0]),
+            '--jobs', '2']
     assert compare_main(argv) == 0
     summary = json.loads((out / 'summary.json').read_text())
+    # both runs went at once, each on one thread, and their records say so and carry the child's own CPU time
+    records = [json.loads((out / name / 'seed0/result.json').read_text()) for name in ('dfad', 'lrwa_mb')]
+    assert all(r['threads'] == 1 and 0 < r['cpu_seconds'] for r in records) and summary['threads'] == ['1']
     assert set(summary['configs']) == {'dfad', 'lrwa_mb'} and summary['failed_runs'] == []
     assert all(entry['runs'] == 1 and entry['seeds'] == [0] for entry in summary['configs'].values())
     assert set(summary['paired']['configs']) == {'lrwa_mb'}
