@@ -99,8 +99,8 @@ def test_a_strategy_registered_outside_the_package_takes_its_own_kwargs(register
     assert run_cli(bad) == 2
     assert 'error: train.strategy.kwargs.retain_weight: toy_joint refused it' in capsys.readouterr().err
     wrong_memory = write_config(DIGITS_CONFIGS / 'lrwa_gr.yaml', work / 'gr.yaml', {
-        **ONE_ITERATION, "strategy: 'lrwa'": "strategy: 'toy_joint'", "    meta: {alpha: 0.5, backend: 'higher', "
-                                                                      "order: 'second'}\n": ''})
+        **ONE_ITERATION, "strategy: 'lrwa'": "strategy: 'toy_joint'",
+        "    meta: {alpha_per_lr: 1.0, backend: 'higher', order: 'second'}\n": ''})
     assert run_cli(wrong_memory) == 2
     err = capsys.readouterr().err
     assert "train.data_free.replay.key: 'GenerativeReplay' cannot be used with strategy 'toy_joint'" in err, err

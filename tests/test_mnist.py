@@ -172,7 +172,7 @@ def test_data_free_configs_differ_only_in_strategy_replay_meta_and_dst_ckpt():
         data_free = config['train']['data_free']
         assert config['train']['strategy'] == strategy
         assert (data_free.get('replay') or {}).get('key') == replay
-        assert data_free.get('meta') == ({'alpha': 0.5, 'backend': 'higher', 'order': 'second'}
+        assert data_free.get('meta') == ({'alpha_per_lr': 1.0, 'backend': 'higher', 'order': 'second'}
                                          if strategy == 'lrwa' else None)
         assert config['models']['student_model']['dst_ckpt'] == f'resource/ckpt/mnist/{name}.pt'
         model = teacher['models']['model']

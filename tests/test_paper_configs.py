@@ -268,7 +268,7 @@ def test_configs_hold_the_published_setting_and_differ_only_in_strategy_and_repl
         assert list(config['datasets']) == [f'{key}/{split}']
         assert ('meta' in data_free) == (strategy == 'lrwa')
         if strategy == 'lrwa':
-            assert data_free['meta'] == {'alpha': 0.9, 'backend': 'higher', 'order': 'second'}
+            assert data_free['meta'] == {'alpha_per_lr': 1.0, 'backend': 'higher', 'order': 'second'}
         assert (data_free.get('replay') or {}).get('key') == replay
         if replay == 'MemoryBank':
             assert data_free['replay']['kwargs'] == {'capacity': 640, 'push_size': 64, 'push_every_epochs': 5,

@@ -108,7 +108,8 @@ def test_alpha_per_lr_follows_the_students_learning_rate_schedule(work, monkeypa
 
     monkeypatch.setattr(RetainWhileAcquire, '__call__', spy)
     config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', {
-        **SHORT_RUN, 'num_epochs: 2': 'num_epochs: 3', 'alpha: 0.5': 'alpha_per_lr: 2.5', 'T_max: 12': 'T_max: 3'})
+        **SHORT_RUN, 'num_epochs: 2': 'num_epochs: 3', 'alpha_per_lr: 1.0': 'alpha_per_lr: 2.5',
+        'T_max: 12': 'T_max: 3'})
     assert run_cli(config) == 0
     lr = [0.1 * (1 + math.cos(math.pi * epoch / 3)) / 2 for epoch in range(3)]
     # the memory is empty in epoch 0 (nothing to retain), then 3 iterations x 2 student steps per epoch

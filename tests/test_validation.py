@@ -31,7 +31,7 @@ from lrwa_plugin.training import DataFreeTrainer
 
 REPLAY_BLOCK = ("    replay:\n      key: 'MemoryBank'\n"
                 "      kwargs: {capacity: 1024, push_size: 128, push_every_epochs: 1, batch_size: 64}\n")
-META_LINE = "    meta: {alpha: 0.5, backend: 'higher', order: 'second'}\n"
+META_LINE = "    meta: {alpha_per_lr: 1.0, backend: 'higher', order: 'second'}\n"
 STUDENT = "key: 'DigitsStudentCNN'\n    kwargs: {num_classes: 10}"
 TEACHER = "key: 'DigitsTeacherCNN'\n    kwargs: {num_classes: 10}"
 VAL_ID = "  val_data_loader:\n    dataset_id: 'digits/test'"
@@ -109,19 +109,19 @@ CASES: list[tuple[str, str, dict[str, str], str, str, Callable[[Path], None] | N
      'train.data_free.replay', "strategy 'lrwa' replays from a memory", None),
     ('mb_dfkd without replay memory', 'mb_dfkd', {REPLAY_BLOCK: ''},
      'train.data_free.replay', "strategy 'mb_dfkd' replays from a memory", None),
-    ('meta alpha zero', 'lrwa_mb', {'alpha: 0.5': 'alpha: 0'},
+    ('meta alpha zero', 'lrwa_mb', {'alpha_per_lr: 1.0': 'alpha: 0'},
      'train.data_free.meta.alpha', 'finite number > 0, got 0', None),
-    ('meta alpha NaN', 'lrwa_mb', {'alpha: 0.5': 'alpha: .nan'},
+    ('meta alpha NaN', 'lrwa_mb', {'alpha_per_lr: 1.0': 'alpha: .nan'},
      'train.data_free.meta.alpha', 'got nan', None),
-    ('meta alpha negative', 'lrwa_mb', {'alpha: 0.5': 'alpha: -0.5'},
+    ('meta alpha negative', 'lrwa_mb', {'alpha_per_lr: 1.0': 'alpha: -0.5'},
      'train.data_free.meta.alpha', 'got -0.5', None),
-    ('meta alpha a string', 'lrwa_mb', {'alpha: 0.5': "alpha: 'big'"},
+    ('meta alpha a string', 'lrwa_mb', {'alpha_per_lr: 1.0': "alpha: 'big'"},
      'train.data_free.meta.alpha', "got 'big'", None),
     ('meta backend unknown', 'lrwa_mb', {"backend: 'higher'": "backend: 'torch'"},
      'train.data_free.meta.backend', 'higher, functional', None),
     ('meta order unknown', 'lrwa_mb', {"order: 'second'": "order: 'third'"},
      'train.data_free.meta.order', 'second, first', None),
-    ('meta unknown key', 'lrwa_mb', {'alpha: 0.5': 'alpah: 0.5'},
+    ('meta unknown key', 'lrwa_mb', {'alpha_per_lr: 1.0': 'alpah: 0.5'},
      'train.data_free.meta.alpah', "did you mean 'alpha'", None),
     ('meta given to mb_dfkd', 'lrwa_mb', {"strategy: 'lrwa'": "strategy: 'mb_dfkd'"},
      'train.data_free.meta', 'mb_dfkd', None),
@@ -174,11 +174,11 @@ CASES: list[tuple[str, str, dict[str, str], str, str, Callable[[Path], None] | N
      'train.data_free.replay.kwargs.cache_teacher', 'expects true or false', None),
     ('decode_bn unknown', 'lrwa_gr', {'beta: 0.00001': "beta: 0.00001\n        decode_bn: 'eval'"},
      'train.data_free.replay.kwargs.decode_bn', "'eval' is not one of batch, running", None),
-    ('alpha_per_lr zero', 'lrwa_mb', {'alpha: 0.5': 'alpha_per_lr: 0'},
+    ('alpha_per_lr zero', 'lrwa_mb', {'alpha_per_lr: 1.0': 'alpha_per_lr: 0'},
      'train.data_free.meta.alpha_per_lr', 'got 0', None),
-    ('alpha and alpha_per_lr both given', 'lrwa_mb', {'alpha: 0.5': 'alpha: 0.5, alpha_per_lr: 1.0'},
+    ('alpha and alpha_per_lr both given', 'lrwa_mb', {'alpha_per_lr: 1.0': 'alpha: 0.5, alpha_per_lr: 1.0'},
      'train.data_free.meta', 'exactly one of alpha', None),
-    ('neither alpha nor alpha_per_lr', 'lrwa_mb', {'alpha: 0.5, ': ''},
+    ('neither alpha nor alpha_per_lr', 'lrwa_mb', {'alpha_per_lr: 1.0, ': ''},
      'train.data_free.meta', 'exactly one of alpha', None),
     ('inner_bn unknown', 'lrwa_mb', {"order: 'second'": "order: 'second', inner_bn: 'freeze'"},
      'train.data_free.meta.inner_bn', "'freeze' is not one of update, keep", None),
