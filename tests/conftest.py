@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lrwa_plugin.cli import main
 
@@ -30,6 +31,31 @@ def write_config(src: Path, dst: Path, replacements: dict[str, str]) -> Path:
         text = text.replace(old, new)
     dst.write_text(text)
     return dst
+
+
+class _TagsAsMappings(yaml.SafeLoader):
+    """Reads a config without running its ``!import_call`` / ``!import_get`` tags (which would build datasets)."""
+
+
+for _tag in ('!import_call', '!import_get'):
+    _TagsAsMappings.add_constructor(_tag, lambda loader, node: loader.construct_mapping(node, deep=True))
+
+
+def load_plain(path: Path) -> dict:
+    """A shipped YAML as plain data, its torchdistill tags read as mappings."""
+    return yaml.load(path.read_text(), Loader=_TagsAsMappings)
+
+
+def without_strategy(config: dict) -> dict:
+    """A copy of a loaded data-free config without what its strategy chooses (``train.strategy``, the
+    ``data_free`` ``replay`` and ``meta`` blocks) and without the student's ``dst_ckpt``: what the arms of one
+    comparison must share."""
+    config = yaml.safe_load(yaml.safe_dump(config))
+    config['train'].pop('strategy')
+    for name in ('replay', 'meta'):
+        config['train']['data_free'].pop(name, None)
+    config['models']['student_model'].pop('dst_ckpt')
+    return config
 
 
 TEACHER_CKPT = 'resource/ckpt/digits/teacher.pt'

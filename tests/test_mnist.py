@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import ROOT, run_cli, write_config
+from conftest import ROOT, load_plain, run_cli, without_strategy, write_config
 from torch import nn
 from torchdistill.models.registry import get_model
 
@@ -151,18 +150,6 @@ def test_lenets_shapes_and_parameter_counts(key, batch_norm, parameters, hidden)
 
 
 # ------------------------------------------------------------------------------------------------ configs
-class _TagsAsMappings(yaml.SafeLoader):
-    pass
-
-
-for _tag in ('!import_call', '!import_get'):
-    _TagsAsMappings.add_constructor(_tag, lambda loader, node: loader.construct_mapping(node, deep=True))
-
-
-def load_plain(path: Path) -> dict:
-    return yaml.load(path.read_text(), Loader=_TagsAsMappings)
-
-
 def test_data_free_configs_differ_only_in_strategy_replay_meta_and_dst_ckpt():
     teacher = load_plain(MNIST_CONFIGS / 'teacher.yaml')
     assert teacher['models']['model']['dst_ckpt'] == TEACHER_CKPT
@@ -180,14 +167,6 @@ def test_data_free_configs_differ_only_in_strategy_replay_meta_and_dst_ckpt():
                                                      'src_ckpt': model['dst_ckpt']}
         assert config['models']['student_model']['key'] == 'LeNet5Half'
         assert config['datasets'] == {'mnist/test': teacher['datasets']['mnist/test']}
-
-    def without_strategy(config: dict) -> dict:
-        config = yaml.safe_load(yaml.safe_dump(config))
-        config['train'].pop('strategy')
-        for name in ('replay', 'meta'):
-            config['train']['data_free'].pop(name, None)
-        config['models']['student_model'].pop('dst_ckpt')
-        return config
 
     reference = without_strategy(configs['dfad'])
     assert all(without_strategy(config) == reference for config in configs.values())

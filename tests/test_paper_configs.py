@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_cli, write_config
+from conftest import ROOT, load_plain, run_cli, without_strategy, write_config
 from PIL import Image
 from torchdistill.models.registry import get_model
 
@@ -230,18 +230,6 @@ def test_every_data_free_config_reads_the_teacher_its_teacher_config_writes(key)
 
 
 # ----------------------------------------------------------------------------------- the published setting
-class _TagsAsMappings(yaml.SafeLoader):
-    """Reads a config without running its ``!import_call`` tags (which would build the real datasets)."""
-
-
-_TagsAsMappings.add_constructor('!import_call', lambda loader, node: loader.construct_mapping(node, deep=True))
-_TagsAsMappings.add_constructor('!import_get', lambda loader, node: loader.construct_mapping(node, deep=True))
-
-
-def load_plain(path: Path) -> dict:
-    return yaml.load(path.read_text(), Loader=_TagsAsMappings)
-
-
 @pytest.mark.parametrize('key', list(DATASETS))
 def test_configs_hold_the_published_setting_and_differ_only_in_strategy_and_replay(key):
     classes, img, split, teacher, student, factory, _ = DATASETS[key]
@@ -281,15 +269,6 @@ def test_configs_hold_the_published_setting_and_differ_only_in_strategy_and_repl
             assert kwargs['vae']['kwargs']['nz'] == 1000 and kwargs['vae']['kwargs']['img_size'] == img
         elif replay == 'MomentumGenerator':
             assert data_free['replay']['kwargs'] == {'momentum': 0.95, 'batch_size': 64}
-
-    def without_strategy(config: dict) -> dict:
-        config = yaml.safe_load(yaml.safe_dump(config))
-        for name in ('strategy',):
-            config['train'].pop(name)
-        for name in ('replay', 'meta'):
-            config['train']['data_free'].pop(name, None)
-        config['models']['student_model'].pop('dst_ckpt')
-        return config
 
     reference = without_strategy(configs['dfad'])
     assert all(without_strategy(config) == reference for config in configs.values())

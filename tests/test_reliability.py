@@ -54,7 +54,7 @@ def test_flag_mistakes_are_one_line_naming_the_flag(config, work, capsys, flags,
 def test_an_output_folder_nobody_may_write_is_refused_before_training(config, work, capsys):
     try:
         with tempfile.TemporaryFile(dir='/sys'):
-            pytest.skip('/sys is writable here')
+            pytest.skip('/sys is writable on this machine: no folder here refuses writes to test with')
     except OSError:
         pass
     err = _refused(['--config', str(config), '--device', 'cpu', '--dst_ckpt', '/sys/lrwa_plugin_test/student.pt'],
