@@ -46,6 +46,18 @@ def load_plain(path: Path) -> dict:
     return yaml.load(path.read_text(), Loader=_TagsAsMappings)
 
 
+#: The data-free configs every dataset ships: config stem -> (train.strategy, replay key or None).
+DATA_FREE = {
+    'dfad': ('dfad', None),
+    'mb_dfkd': ('mb_dfkd', 'MemoryBank'),
+    'pre_dfkd': ('pre_dfkd', 'GenerativeReplay'),
+    'lrwa_mb': ('lrwa', 'MemoryBank'),
+    'lrwa_gr': ('lrwa', 'GenerativeReplay'),
+    'mad': ('mad', 'MomentumGenerator'),
+    'lrwa_mad': ('lrwa', 'MomentumGenerator'),
+}
+
+
 def without_strategy(config: dict) -> dict:
     """A copy of a loaded data-free config without what its strategy chooses (``train.strategy``, the
     ``data_free`` ``replay`` and ``meta`` blocks) and without the student's ``dst_ckpt``: what the arms of one

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, load_plain, run_cli, without_strategy, write_config
+from conftest import DATA_FREE, ROOT, load_plain, run_cli, without_strategy, write_config
 from torch import nn
 from torchdistill.models.registry import get_model
 
@@ -22,14 +22,6 @@ from lrwa_plugin.strategies import LearnToRetainWhileAcquiring
 
 MNIST_CONFIGS = ROOT / 'examples' / 'configs' / 'mnist'
 TEACHER_CKPT = 'resource/ckpt/mnist/teacher.pt'
-#: config -> (train.strategy, replay key or None)
-DATA_FREE = {
-    'dfad': ('dfad', None),
-    'mb_dfkd': ('mb_dfkd', 'MemoryBank'),
-    'pre_dfkd': ('pre_dfkd', 'GenerativeReplay'),
-    'lrwa_mb': ('lrwa', 'MemoryBank'),
-    'lrwa_gr': ('lrwa', 'GenerativeReplay'),
-}
 
 
 #: the first test labels and a digest of the test images (8-bit, 28x28) of the stratified split with seed 0

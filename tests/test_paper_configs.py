@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, load_plain, run_cli, without_strategy, write_config
+from conftest import DATA_FREE, ROOT, load_plain, run_cli, without_strategy, write_config
 from PIL import Image
 from torchdistill.models.registry import get_model
 
@@ -34,16 +34,6 @@ DATASETS = {
     'cifar100': (100, 32, 'test', 'resnet34_cifar', 'resnet18_cifar', 'cifar', '~/datasets/cifar100'),
     'tiny_imagenet': (200, 64, 'val', 'resnet34_tinyimagenet', 'resnet18_tinyimagenet', 'tiny_imagenet',
                       '~/datasets/tiny-imagenet-200'),
-}
-#: config -> (train.strategy, replay key or None)
-DATA_FREE = {
-    'dfad': ('dfad', None),
-    'mb_dfkd': ('mb_dfkd', 'MemoryBank'),
-    'pre_dfkd': ('pre_dfkd', 'GenerativeReplay'),
-    'lrwa_mb': ('lrwa', 'MemoryBank'),
-    'lrwa_gr': ('lrwa', 'GenerativeReplay'),
-    'mad': ('mad', 'MomentumGenerator'),
-    'lrwa_mad': ('lrwa', 'MomentumGenerator'),
 }
 TEACHER_CKPT = 'resource/ckpt/{key}/teacher_resnet34.pt'
 
