@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,26 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a Python process a test starts with ``sys.executable`` (the interpreter running the tests,
+    whatever it is: a venv, a conda env, the system's): one torch thread, and this checkout first on ``PYTHONPATH``
+    (ahead of whatever the user's ``PYTHONPATH`` already holds), so the child imports the code under test."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get('PYTHONPATH', '')) if p)
+    return {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': path, **extra}
+
+
+def dependency_paths() -> list[str]:
+    """The running interpreter's import folders less this checkout: where the tests' own torch, torchdistill, higher
+    ... were found. A fresh venv given these (a ``.pth`` file) imports the same dependencies without the base
+    interpreter's site-packages, which on a new user's machine hold none of them."""
+    paths = []
+    for entry in sys.path:
+        path = Path(entry or '.').resolve()
+        if path.is_dir() and path != ROOT and ROOT not in path.parents and str(path) not in paths:
+            paths.append(str(path))
+    return paths
 
 
 def write_config(src: Path, dst: Path, replacements: dict[str, str]) -> Path:

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import DIGITS_CONFIGS, ROOT, assert_same, run_cli, write_config
+from conftest import DIGITS_CONFIGS, ROOT, assert_same, child_env, run_cli, write_config
 
 from lrwa_plugin.distributed import World, _buckets
 from lrwa_plugin.resume import read_training_state
@@ -125,15 +125,15 @@ def test_a_ddp_wrapper_in_the_yaml_is_replaced_with_a_warning(work: Path, caplog
     assert "train.student.wrapper 'DistributedDataParallel' is not used" in caplog.text
 
 
-@pytest.mark.skipif(shutil.which('torchrun') is None, reason='torchrun is not on PATH')
 @pytest.mark.parametrize('name', ['lrwa_gr', 'lrwa_mad'])
 def test_torchrun_runs_the_cli_on_two_cpu_ranks(name: str, work: Path) -> None:
     config = write_config(DIGITS_CONFIGS / f'{name}.yaml', work / 'run.yaml', TINY)
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
-    result = subprocess.run(['torchrun', '--nproc_per_node', '2', '--master_port', str(free_port()),
+    # torchrun of the interpreter running the tests (a `torchrun` on PATH may be another environment's, or none)
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                             '--master_port', str(free_port()),
                              str(ROOT / 'examples' / 'run_torchdistill.py'), '--config', str(config), '--device', 'cpu',
                              '--seed', '0', '-no_progress', '--world_size', '2', '--dst_ckpt', 'out/student.pt'],
-                            env=env, capture_output=True, text=True, timeout=600)
+                            env=child_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count('Summary [') == 1  # rank 0 speaks
     state = read_training_state(work / 'out' / 'student.last.pt')

@@ -1,7 +1,6 @@
 """Mistakes a user makes with flags and paths, refused before anything is built; two runs on one checkpoint."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -9,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DIGITS_CONFIGS, ROOT, SHORT_RUN, run_cli, write_config
+from conftest import DIGITS_CONFIGS, SHORT_RUN, child_env, run_cli, write_config
 
 from lrwa_plugin.cli import main
 from lrwa_plugin.outputs import RunLock
@@ -83,7 +82,7 @@ def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_lives(wo
     long_run = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'long.yaml', {
         **SHORT_RUN, 'iterations_per_epoch: 3': 'iterations_per_epoch: 200'})
     lock = Path('out/student.pt.lock')
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+    env = child_env()
     first = subprocess.Popen(_command(long_run, 'out/student.pt'), env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:

@@ -1,7 +1,6 @@
 """Training state and --resume: a killed run continues bit for bit; bad states are refused before training."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DIGITS_CONFIGS, ROOT, assert_same, run_cli, write_config
+from conftest import DIGITS_CONFIGS, ROOT, assert_same, child_env, run_cli, write_config
 
 from lrwa_plugin import checkpoint
 from lrwa_plugin.resume import last_checkpoint_path, read_training_state
@@ -36,7 +35,7 @@ def test_sigkill_then_resume_is_bit_identical(name: str, work: Path) -> None:
     assert run_cli(config, '--dst_ckpt', 'straight/student.pt', '--save_every', '1') == 0
 
     killed = last_checkpoint_path('killed/student.pt')
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+    env = child_env()
     process = subprocess.Popen(command(config, 'killed/student.pt', '--save_every', '1'), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -208,7 +207,7 @@ def test_sigint_and_sigterm_stop_with_a_resumable_state_and_one_line(work: Path)
         **TINY, 'iterations_per_epoch: 25': 'iterations_per_epoch: 12'})
     assert run_cli(config, '--dst_ckpt', 'straight/student.pt') == 0
     state = last_checkpoint_path('stopped/student.pt')
-    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+    env = child_env()
     flags: tuple[str, ...] = ()
     for signum, epoch in ((signal.SIGINT, 1), (signal.SIGTERM, 2)):
         process = subprocess.Popen(command(config, 'stopped/student.pt', '-no_sample_grids', *flags), env=env,
