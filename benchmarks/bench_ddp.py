@@ -6,7 +6,7 @@ Each world size runs in its own processes (``torch.multiprocessing.spawn``, gloo
 broadcast and per-rank seeds of a torchrun run. After a warm-up, each timed iteration starts at a barrier, and rank 0
 reports the median seconds per whole iteration (generator step, student steps, replay update, buffer broadcast),
 iterations per second, generated samples per second over all ranks (ranks × batch per step), and the share of the
-iteration spent in :class:`lrwa_plugin.distributed.GradientAverager` (student and generator all-reduces, including
+iteration spent in :class:`lrwa_plugin.run.distributed.GradientAverager` (student and generator all-reduces, including
 any wait for the slower rank). Nothing is asserted on timings.
 
     python benchmarks/bench_ddp.py                          # lrwa_mb.yaml, 1 and 2 ranks
@@ -34,7 +34,7 @@ from torchdistill.common.main_util import import_dependencies
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_iteration import CONFIGS, ROOT, build_box, ensure_teacher, teacher_checkpoint  # noqa: E402
 
-from lrwa_plugin.distributed import World, broadcast_module_state, seed_rank  # noqa: E402
+from lrwa_plugin.run.distributed import World, broadcast_module_state, seed_rank  # noqa: E402
 
 
 def get_argparser() -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
 One iteration is what ``DataFreeDistillationBox.train_iteration`` runs: the generator step(s), the student steps
 (``student_steps`` of them, each with its replay batch) and the replay memory's update. Every variant gets its own
 box built from a shipped config (``examples/configs/digits/``) the way the runner builds it (torchdistill's
-``yaml_util``, :func:`lrwa_plugin.runner.load_model`, :class:`lrwa_plugin.box.DataFreeDistillationBox`), from the same
+``yaml_util``, :func:`lrwa_plugin.run.runner.load_model`, :class:`lrwa_plugin.box.DataFreeDistillationBox`), from
+the same
 seed, with its memory filled first so that replay (and the meta step) is active from the first timed iteration.
 The variants run interleaved (one iteration of each, in an order rotated every round, then again) after a warm-up,
 and are reported as the median seconds per iteration (wall time, and this process's CPU time, which other jobs on a
@@ -44,9 +45,9 @@ from torchdistill.common import yaml_util
 from torchdistill.common.main_util import import_dependencies
 
 from lrwa_plugin.box import DataFreeDistillationBox
-from lrwa_plugin.cli import main as cli_main
-from lrwa_plugin.distributed import World
-from lrwa_plugin.runner import load_model
+from lrwa_plugin.run.cli import main as cli_main
+from lrwa_plugin.run.distributed import World
+from lrwa_plugin.run.runner import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / 'examples' / 'configs' / 'digits'

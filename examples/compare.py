@@ -5,7 +5,7 @@
 """
 import sys
 
-from lrwa_plugin.compare import main
+from lrwa_plugin.run.compare import main
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -7,7 +7,7 @@
 """
 import sys
 
-from lrwa_plugin.cli import main
+from lrwa_plugin.run.cli import main
 
 if __name__ == '__main__':
     sys.exit(main())

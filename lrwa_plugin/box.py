@@ -3,7 +3,7 @@
 torchdistill builds everything it already knows from the YAML — the frozen teacher, the student, their forward
 hooks, the student criterion, optimizer and scheduler, the post-forward and post-epoch processes, the validation
 loader — and this box adds what data-free distillation needs, from the parsed ``train.data_free``
-(:class:`lrwa_plugin.config.DataFreeConfig`): a generator (:class:`lrwa_plugin.generation.GeneratorStep`), a replay
+(:class:`lrwa_plugin.config.DataFreeConfig`): a generator (:class:`lrwa_plugin.generator.GeneratorStep`), a replay
 memory (:mod:`lrwa_plugin.replay`) and a strategy (:mod:`lrwa_plugin.strategies`). One iteration (Patel, Mopuri,
 Qiu, CVPR 2023):
 
@@ -18,10 +18,10 @@ Qiu, CVPR 2023):
 
 Epoch-level scheduling (``scheduling_step: 0``, ``ReduceLROnPlateau`` with the validation accuracy as its metric,
 ``CosineAnnealingWarmRestarts``) is torchdistill's post-epoch process; the generator's scheduler steps after it.
-Under ``torchrun`` (``world``, :mod:`lrwa_plugin.distributed`) every backward is followed by a bucketed average of
+Under ``torchrun`` (``world``, :mod:`lrwa_plugin.run.distributed`) every backward is followed by a bucketed average of
 the gradients across ranks, and every iteration ends with rank 0's BatchNorm statistics broadcast to the others;
 each rank samples its own ``z`` and keeps its own replay memory. Losses and gradients are checked for NaN and
-infinity before the optimizer applies them (:mod:`lrwa_plugin.guard`).
+infinity before the optimizer applies them (:mod:`lrwa_plugin.run.guard`).
 
 .. code-block:: yaml
 
@@ -52,13 +52,13 @@ from torchdistill.common.constant import SELF_MODULE_PATH, def_logger
 from torchdistill.core.distillation import DistillationBox
 from torchdistill.core.util import extract_io_dict
 
-from .config import DataFreeConfig, parse_data_free
-from .distributed import GradientAverager, World, broadcast_module_state
-from .generation import GeneratorStep
-from .guard import NonFiniteGuard, weighted_terms
+from .config.data_free import DataFreeConfig, parse_data_free
+from .generator import GeneratorStep
 from .models.generators import check_generator_fits_teacher
 from .registry import get_replay, get_strategy
 from .replay import ReplayContext, ReplayMemory
+from .run.distributed import GradientAverager, World, broadcast_module_state
+from .run.guard import NonFiniteGuard, weighted_terms
 from .strategies import StepLosses
 from .util import cat_rows, load_optional_state, modes_kept, unwrap
 
@@ -77,7 +77,7 @@ class DataFreeDistillationBox(DistillationBox):
                  train_config: dict, device: torch.device, device_ids: list[int] | None, distributed: bool,
                  lr_factor: float = 1, accelerator: Any = None, world: World | None = None,
                  data_free: DataFreeConfig | None = None) -> None:
-        # Data parallelism is the box's own (lrwa_plugin.distributed): torchdistill sees a single process, so it
+        # Data parallelism is the box's own (lrwa_plugin.run.distributed): torchdistill sees a single process, so it
         # wraps nothing in DDP and its validation loader covers the whole split (evaluated on rank 0).
         self.world = world or World()
         self.config = data_free or parse_data_free(train_config)

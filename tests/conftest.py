@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from lrwa_plugin.cli import main
+from lrwa_plugin.run.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS_CONFIGS = ROOT / 'examples' / 'configs' / 'digits'

@@ -12,9 +12,9 @@ from torch.nn import functional as F
 from torchdistill.models.registry import get_model
 
 import lrwa_plugin  # noqa: F401  (registers the models)
-from lrwa_plugin.checkpoint import atomic_save, load_weights_strictly
 from lrwa_plugin.models.cifar import MODEL_NAMES
 from lrwa_plugin.models.timm_model import input_shape_of, timm_model
+from lrwa_plugin.run.checkpoint import atomic_save, load_weights_strictly
 
 EXPECTED_NAMES = ['resnet18_cifar', 'resnet34_cifar', 'wrn_16_1', 'wrn_16_2', 'wrn_40_1', 'wrn_40_2',
                   'mobilenetv2_cifar', 'resnet18_tinyimagenet', 'resnet34_tinyimagenet']

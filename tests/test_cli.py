@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import DIGITS_CONFIGS, DIGITS_TEST_DATASET, SHORT_RUN, TEACHER_CKPT, run_cli, write_config
 
-from lrwa_plugin.checkpoint import atomic_save, load_state_dict_file
+from lrwa_plugin.run.checkpoint import atomic_save, load_state_dict_file
 
 
 @pytest.mark.parametrize('name, edits', [

@@ -12,8 +12,8 @@ import torch
 import torch.multiprocessing as mp
 from conftest import DIGITS_CONFIGS, ROOT, assert_same, child_env, run_cli, write_config
 
-from lrwa_plugin.distributed import World, _buckets
-from lrwa_plugin.resume import read_training_state
+from lrwa_plugin.run.distributed import World, _buckets
+from lrwa_plugin.run.resume import read_training_state
 
 TINY = {'num_epochs: 12': 'num_epochs: 1', 'iterations_per_epoch: 25': 'iterations_per_epoch: 3',
         'student_steps: 5': 'student_steps: 2', 'batch_size: 128': 'batch_size: 32'}
@@ -34,7 +34,7 @@ def _rank_main(rank: int, world_size: int, ports: list[int], two_epochs: str, on
     os.chdir(work)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1')
     torch.set_num_threads(1)
-    from lrwa_plugin import cli, runner
+    from lrwa_plugin.run import cli, runner
     real_train = runner.train
 
     def keeping_weights(run):
@@ -89,8 +89,8 @@ def _poisoned_rank_main(rank: int, world_size: int, port: int, config: str, work
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from lrwa_plugin import cli
-    from lrwa_plugin.generation import GeneratorStep
+    from lrwa_plugin.generator import GeneratorStep
+    from lrwa_plugin.run import cli
     if rank == 1:
         real_sample = GeneratorStep.sample
 
@@ -149,7 +149,7 @@ def test_torchrun_runs_the_cli_on_two_cpu_ranks(name: str, work: Path) -> None:
 
 
 def test_world_size_without_torchrun_is_one_line(work: Path, capsys) -> None:
-    from lrwa_plugin.cli import main
+    from lrwa_plugin.run.cli import main
     config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', TINY)
     assert main(['--config', str(config), '--device', 'cpu', '--world_size', '2']) == 2
     assert capsys.readouterr().err.strip() == ('error: --world_size: 2 processes asked for, but RANK/WORLD_SIZE are '

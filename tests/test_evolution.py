@@ -9,8 +9,8 @@ import torch
 from conftest import DIGITS_CONFIGS, SHORT_RUN, run_cli, write_config
 from PIL import Image
 
-from lrwa_plugin.compare import main as compare_main
-from lrwa_plugin.evolution import DEFINITION, PAIRED_DEFINITION, evolution_stats, summarise, summary_markdown
+from lrwa_plugin.run.compare import main as compare_main
+from lrwa_plugin.run.evolution import DEFINITION, PAIRED_DEFINITION, evolution_stats, summarise, summary_markdown
 
 
 def test_statistics_of_a_known_accuracy_list():
@@ -130,7 +130,7 @@ def test_compare_runs_configs_and_writes_the_three_files(work, capsys):
 
 def test_the_same_seed_gives_every_arm_the_same_initial_student_and_generator(work):
     """What pairs runs by seed: whatever the strategy and memory, a seed builds the same student and generator."""
-    from lrwa_plugin import cli, runner
+    from lrwa_plugin.run import cli, runner
     weights = {}
     for name in ('dfad', 'mb_dfkd', 'lrwa_gr'):
         config = write_config(DIGITS_CONFIGS / f'{name}.yaml', work / f'{name}.yaml', SHORT_RUN)
@@ -150,7 +150,7 @@ def test_sample_grids_change_nothing_the_run_computes(name, work):
     assert run_cli(config, '--dst_ckpt', 'none/student.pt', '-no_sample_grids') == 0
     from conftest import assert_same
 
-    from lrwa_plugin.resume import read_training_state
+    from lrwa_plugin.run.resume import read_training_state
     with_grids, without = (read_training_state(f'{d}/student.last.pt') for d in ('grids', 'none'))
     assert_same(with_grids['box'], without['box'])
     assert_same(with_grids['ranks'], without['ranks'])

@@ -11,10 +11,10 @@ from conftest import DIGITS_CONFIGS, SHORT_RUN, run_cli, write_config
 from torchdistill.core.interfaces.post_forward_proc import default_post_forward_process
 from torchdistill.core.interfaces.registry import POST_FORWARD_PROC_FUNC_DICT, register_post_forward_proc_func
 
-from lrwa_plugin import cli, runner
 from lrwa_plugin.registry import REPLAY_DICT, STRATEGY_DICT, register_replay, register_strategy
 from lrwa_plugin.replay import MemoryBank, Replayed, ReplayMemory
-from lrwa_plugin.resume import read_training_state
+from lrwa_plugin.run import cli, runner
+from lrwa_plugin.run.resume import read_training_state
 from lrwa_plugin.strategies import StepLosses, Strategy, loss_values
 
 ONE_ITERATION = {**SHORT_RUN, 'num_epochs: 2': 'num_epochs: 1', 'iterations_per_epoch: 3': 'iterations_per_epoch: 1'}

@@ -13,9 +13,9 @@ import torch
 from conftest import DIGITS_CONFIGS, SHORT_RUN, run_cli, write_config
 
 from lrwa_plugin.box import DataFreeDistillationBox
-from lrwa_plugin.checkpoint import atomic_save
-from lrwa_plugin.generation import GeneratorStep
+from lrwa_plugin.generator import GeneratorStep
 from lrwa_plugin.models.digits import DigitsStudentCNN
+from lrwa_plugin.run.checkpoint import atomic_save
 from lrwa_plugin.strategies import LearnToRetainWhileAcquiring
 
 DST_CKPT = 'resource/ckpt/digits/lrwa_mb.pt'

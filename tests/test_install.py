@@ -57,7 +57,7 @@ def test_the_fresh_venv_takes_its_dependencies_from_the_running_interpreter(inst
 
 
 def test_an_installed_package_finds_its_configs_and_runs_them(installed, teacher_dir, tmp_path):
-    where = _run(installed, tmp_path, '-c', 'import json, lrwa_plugin; from lrwa_plugin.cli import shipped_config; '
+    where = _run(installed, tmp_path, '-c', 'import json, lrwa_plugin; from lrwa_plugin.run.cli import shipped_config; '
                  "print(json.dumps([lrwa_plugin.__file__, str(shipped_config('digits', 'teacher')), "
                  "str(shipped_config('digits', 'lrwa_mb'))]))")
     assert where.returncode == 0, where.stderr
@@ -69,7 +69,7 @@ def test_an_installed_package_finds_its_configs_and_runs_them(installed, teacher
     (tmp_path / TEACHER_CKPT).parent.mkdir(parents=True)
     shutil.copy(teacher_dir / TEACHER_CKPT, tmp_path / TEACHER_CKPT)
     short = write_config(student, tmp_path / 'short.yaml', {**SHORT_RUN, 'num_epochs: 2': 'num_epochs: 1'})
-    compared = _run(installed, tmp_path, '-m', 'lrwa_plugin.compare', '--configs', str(short), '--seeds', '0',
+    compared = _run(installed, tmp_path, '-m', 'lrwa_plugin.run.compare', '--configs', str(short), '--seeds', '0',
                     '--out', 'runs')
     assert compared.returncode == 0, compared.stderr[-2000:]
     assert json.loads((tmp_path / 'runs/summary.json').read_text())['configs']['short']['runs'] == 1

@@ -197,7 +197,7 @@ def test_lrwa_mb_config_runs_with_the_meta_step_and_writes_the_student(mnist_tea
     (tmp_path / TEACHER_CKPT).parent.mkdir(parents=True)
     (tmp_path / TEACHER_CKPT).write_bytes(mnist_teacher.read_bytes())
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr('lrwa_plugin.training.DataFreeTrainer.after_evaluation', lambda *args, **kwargs: None)
+    monkeypatch.setattr('lrwa_plugin.run.trainers.DataFreeTrainer.after_evaluation', lambda *args, **kwargs: None)
     replayed: list[bool] = []
     backward = LearnToRetainWhileAcquiring.backward
 

@@ -8,7 +8,7 @@ from conftest import DIGITS_CONFIGS, SHORT_RUN, run_cli, write_config
 from lrwa_plugin.models.generators import DAFLGenerator
 from lrwa_plugin.registry import STRATEGY_DICT
 from lrwa_plugin.replay import MomentumGenerator, ReplayContext
-from lrwa_plugin.resume import read_training_state
+from lrwa_plugin.run.resume import read_training_state
 
 
 def attached(momentum: float = 0.9, seed: int = 0) -> tuple[MomentumGenerator, torch.nn.Module]:

@@ -23,9 +23,9 @@ from PIL import Image
 from torchdistill.models.registry import get_model
 
 import lrwa_plugin.datasets as lrwa_datasets
-from lrwa_plugin.checkpoint import atomic_save, load_state_dict_file
 from lrwa_plugin.datasets import cifar, reorganize_tiny_imagenet_val, tiny_imagenet
 from lrwa_plugin.registry import STRATEGY_DICT
+from lrwa_plugin.run.checkpoint import atomic_save, load_state_dict_file
 
 CONFIGS = ROOT / 'examples' / 'configs'
 #: dataset directory -> (classes, image size, evaluation split, teacher key, student key, dataset factory, root)
@@ -127,7 +127,7 @@ def strategy_calls(monkeypatch) -> list[tuple[str, bool]]:
         monkeypatch.setattr(cls, 'backward', spying(vars(cls)['backward']))
     # The per-epoch sample grids (tested in test_evolution) cost more here than the two iterations: 32 generated and 32
     # replayed samples through the ResNet-34 teacher, the VAE's latent refinement, matplotlib figures.
-    monkeypatch.setattr('lrwa_plugin.training.DataFreeTrainer.after_evaluation', lambda *args, **kwargs: None)
+    monkeypatch.setattr('lrwa_plugin.run.trainers.DataFreeTrainer.after_evaluation', lambda *args, **kwargs: None)
     return calls
 
 

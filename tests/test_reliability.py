@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import DIGITS_CONFIGS, SHORT_RUN, child_env, run_cli, write_config
 
-from lrwa_plugin.cli import main
-from lrwa_plugin.outputs import RunLock
+from lrwa_plugin.run.cli import main
+from lrwa_plugin.run.files import RunLock
 
 
 def files(root: Path) -> dict[str, bytes]:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import DIGITS_CONFIGS, ROOT, assert_same, child_env, run_cli, write_config
 
-from lrwa_plugin import checkpoint
-from lrwa_plugin.resume import last_checkpoint_path, read_training_state
+from lrwa_plugin.run import checkpoint
+from lrwa_plugin.run.resume import last_checkpoint_path, read_training_state
 
 TINY = {'num_epochs: 12': 'num_epochs: 3', 'iterations_per_epoch: 25': 'iterations_per_epoch: 4',
         'student_steps: 5': 'student_steps: 2', 'batch_size: 128': 'batch_size: 32'}

@@ -1,4 +1,4 @@
-"""Tests for lrwa_plugin.checkpoint and the ``timm_model`` factory (tiny timm models, CPU, no downloads)."""
+"""Tests for lrwa_plugin.run.checkpoint and the ``timm_model`` factory (tiny timm models, CPU, no downloads)."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +14,8 @@ from torch import nn
 from torchdistill.common.main_util import save_ckpt
 from torchdistill.models.registry import MODEL_DICT, get_model
 
-from lrwa_plugin.checkpoint import atomic_save, load_state_dict_file, load_weights_strictly
 from lrwa_plugin.models.timm_model import input_shape_of, timm_model
+from lrwa_plugin.run.checkpoint import atomic_save, load_state_dict_file, load_weights_strictly
 
 ARCH = 'test_resnet'
 NUM_CLASSES = 10

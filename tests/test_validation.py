@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from lrwa_plugin.checkpoint import atomic_save
-from lrwa_plugin.config import validate_config
+from lrwa_plugin.config.data_free import validate_config
 from lrwa_plugin.errors import ConfigError
 from lrwa_plugin.models.digits import DigitsStudentCNN
-from lrwa_plugin.training import DataFreeTrainer
+from lrwa_plugin.run.checkpoint import atomic_save
+from lrwa_plugin.run.trainers import DataFreeTrainer
 
 REPLAY_BLOCK = ("    replay:\n      key: 'MemoryBank'\n"
                 "      kwargs: {capacity: 1024, push_size: 128, push_every_epochs: 1, batch_size: 64}\n")

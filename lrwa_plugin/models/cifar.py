@@ -27,7 +27,7 @@ name                         layout (state-dict keys) and origin
 
 The forward passes compute exactly what the published code computes (global average pooling is the published
 ``avg_pool2d(out, 4)`` at 32x32 and also works at 64x64), so a published checkpoint loads strictly with
-``src_ckpt`` (:func:`lrwa_plugin.checkpoint.load_weights_strictly`) and gives the published accuracy.
+``src_ckpt`` (:func:`lrwa_plugin.run.checkpoint.load_weights_strictly`) and gives the published accuracy.
 
 .. code-block:: yaml
 

@@ -10,7 +10,7 @@ This module registers :func:`timm_model` in torchdistill's model registry, so a 
 
 and ``torchdistill.models.registry.get_model('timm_model', **kwargs)`` builds it. Without ``checkpoint_path`` the
 network is randomly initialised (a student); with it, the file must exist and match the architecture exactly
-(:func:`lrwa_plugin.checkpoint.load_weights_strictly`), so a typo never yields a silently random teacher. Nothing is
+(:func:`lrwa_plugin.run.checkpoint.load_weights_strictly`), so a typo never yields a silently random teacher. Nothing is
 ever downloaded: ``pretrained=True`` and ``hf-hub:`` names are refused.
 
 Known timm pitfall, avoided here: ``timm.create_model(name, pretrained=True, num_classes=10,
@@ -35,7 +35,7 @@ from timm.models import get_model_input_config, parse_model_name, split_model_na
 from torch import nn
 from torchdistill.models.registry import register_model
 
-from ..checkpoint import load_weights_strictly
+from ..run.checkpoint import load_weights_strictly
 
 logger = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed import World
+from ..run.distributed import World
 
 TeacherIO = Callable[[Tensor], dict]
 """The teacher's torchdistill I/O dict for a batch (its output at ``'.'`` and every hooked module), no gradient."""

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..errors import NonFiniteLossError
 from .distributed import World, any_rank
-from .errors import NonFiniteLossError
 
 STOPPED = 'training stopped before the optimizer applied it; nothing was saved over the last checkpoint'
 

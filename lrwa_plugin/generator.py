@@ -29,10 +29,10 @@ from torchdistill.losses.registry import get_high_level_loss
 from torchdistill.models.registry import get_model
 from torchdistill.optim.registry import get_optimizer, get_scheduler
 
-from .config import GeneratorConfig
-from .distributed import GradientAverager, World
-from .guard import NonFiniteGuard, weighted_terms
+from .config.data_free import GeneratorConfig
 from .losses import BN_STATS_PATH, TeacherBNStatistics
+from .run.distributed import GradientAverager, World
+from .run.guard import NonFiniteGuard, weighted_terms
 from .util import load_optional_state
 
 logger = def_logger.getChild(__name__)

@@ -10,7 +10,7 @@ here holds everything the next iteration depends on:
 * per rank (``ranks[r]``): the replay memory (a memory bank's samples, a generative replay's VAE and its optimizer,
   their own random streams) and the python / numpy / torch (/ CUDA) random states.
 
-It is written by rank 0 (the other ranks' parts are gathered to it) with :func:`lrwa_plugin.checkpoint.atomic_save`
+It is written by rank 0 (the other ranks' parts are gathered to it) with :func:`lrwa_plugin.run.checkpoint.atomic_save`
 (temporary file, fsync, rename: a run killed mid-write leaves the previous state), at every epoch end and, with
 ``--save_every N``, every N iterations; it is read with ``torch.load(weights_only=True)``. Resuming on the CPU
 reproduces bit for bit the weights of a run that was never stopped (tests/test_resume.py).
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 import yaml
 
+from ..errors import ConfigError
+from ..util import first_line
 from .checkpoint import atomic_save, describe_read_error
 from .distributed import World, gather_to_main
-from .errors import ConfigError
-from .util import first_line
 
 FORMAT = 'lrwa_plugin.training_state'
 VERSION = 1

@@ -2,11 +2,11 @@
 
 * :class:`DataFreeTrainer` wraps :class:`lrwa_plugin.box.DataFreeDistillationBox` (``train.strategy`` set): its
   epochs are generator iterations, it writes sample grids after each evaluation and its whole state can be saved and
-  resumed (:mod:`lrwa_plugin.resume`).
+  resumed (:mod:`lrwa_plugin.run.resume`).
 * :class:`SupervisedTrainer` wraps torchdistill's own boxes (a plain config, e.g. the teacher's): its epochs are its
   training loader.
 
-The runner (:mod:`lrwa_plugin.runner`) drives either the same way, so it never asks which one it has.
+The runner (:mod:`lrwa_plugin.run.runner`) drives either the same way, so it never asks which one it has.
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .box import DataFreeDistillationBox
+from ..box import DataFreeDistillationBox
+from ..config.checks import rng_untouched
+from ..errors import ConfigError, NonFiniteLossError
+from ..util import first_line, modes_kept, unwrap
 from .checkpoint import atomic_save
 from .distributed import World, broadcast_module_state, seed_rank
-from .errors import ConfigError, NonFiniteLossError
-from .monitor import TensorBoardLogger, save_sample_grid, teacher_predictions
-from .util import first_line, modes_kept, unwrap
-from .validation import rng_untouched
+from .visuals import TensorBoardLogger, save_sample_grid, teacher_predictions
 
 OnIteration = Callable[[int, int, dict[str, float]], None]
 """Called after every iteration with ``(epoch, iteration, losses)`` (TensorBoard, training-state saves)."""

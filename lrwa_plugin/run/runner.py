@@ -1,13 +1,13 @@
 """One run of a config, in two phases: :func:`set_up` builds everything, :func:`execute` trains and tests.
 
 ``set_up`` reads the config once (:func:`lrwa_plugin.config.validate_config`), loads the teacher and builds the
-student, the training box and its :class:`~lrwa_plugin.training.Trainer`, restores a ``--resume`` state, and checks
+student, the training box and its :class:`~lrwa_plugin.run.trainers.Trainer`, restores a ``--resume`` state, and checks
 on the way everything a user can get wrong: each problem is a :class:`~lrwa_plugin.errors.ConfigError` (one line,
 exit status 2) raised before anything is trained or written. Neither the parsed arguments nor the loaded config are
 modified. ``execute`` runs the epochs — after each: top-1 on the validation split, the learning evolution beside
-``dst_ckpt`` (:mod:`lrwa_plugin.evolution`), the trainer's after-evaluation work (sample grids), TensorBoard with
+``dst_ckpt`` (:mod:`lrwa_plugin.run.evolution`), the trainer's after-evaluation work (sample grids), TensorBoard with
 ``--log_dir``, the best student to ``dst_ckpt`` (torchdistill's convention), and for a resumable trainer its whole
-state to ``<dst_ckpt stem>.last.pt`` (:mod:`lrwa_plugin.resume`) — then tests the best student (and the teacher).
+state to ``<dst_ckpt stem>.last.pt`` (:mod:`lrwa_plugin.run.resume`) — then tests the best student (and the teacher).
 """
 from __future__ import annotations
 
@@ -36,14 +36,15 @@ from torchdistill.datasets.util import build_data_loader
 from torchdistill.models.official import get_image_classification_model
 from torchdistill.models.registry import get_model
 
-from .box import DataFreeDistillationBox
+from ..box import DataFreeDistillationBox
+from ..config.checks import narrow_path, without_prefix
+from ..config.data_free import DataFreeConfig, validate_config
+from ..errors import ConfigError
+from ..util import first_line
 from .checkpoint import load_weights_strictly
-from .config import DataFreeConfig, validate_config
 from .distributed import World, any_rank, barrier, broadcast_float, device_for
-from .errors import ConfigError
 from .evolution import evolution_path, write_evolution
-from .monitor import TensorBoardLogger
-from .outputs import RunLock, check_writable
+from .files import RunLock, check_writable
 from .resume import (
     Position,
     check_same_run,
@@ -53,9 +54,8 @@ from .resume import (
     save_training_state,
 )
 from .stopping import RunStopped, StopRequest, stop_requests
-from .training import DataFreeTrainer, SupervisedTrainer, Trainer, evaluate, save_student
-from .util import first_line
-from .validation import narrow_path, without_prefix
+from .trainers import DataFreeTrainer, SupervisedTrainer, Trainer, evaluate, save_student
+from .visuals import TensorBoardLogger
 
 logger = def_logger.getChild(__name__)
 
@@ -144,7 +144,7 @@ def build_trainer(teacher: nn.Module | None, student: nn.Module, config: dict, d
                   device: torch.device, world: World, args: argparse.Namespace, student_key: str) -> Trainer:
     """The training box and its trainer: data-free when ``train.strategy`` is set, else torchdistill's own.
 
-    A data-free box does its own data parallelism (:mod:`lrwa_plugin.distributed`); torchdistill's boxes get
+    A data-free box does its own data parallelism (:mod:`lrwa_plugin.run.distributed`); torchdistill's boxes get
     torchdistill's (DDP, on CUDA only: on the CPU torchdistill wraps nothing, so ranks would train apart).
     """
     train_config = config['train']
@@ -174,7 +174,7 @@ def build_trainer(teacher: nn.Module | None, student: nn.Module, config: dict, d
 
 
 def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: World | None = None) -> Run:
-    """Builds the run of ``config_path`` with the runner's flags ``args`` (see :mod:`lrwa_plugin.cli`).
+    """Builds the run of ``config_path`` with the runner's flags ``args`` (see :mod:`lrwa_plugin.run.cli`).
 
     Raises:
         ConfigError: anything in the config, its files or the flags that cannot work; nothing is written.
@@ -263,7 +263,7 @@ def train(run: Run) -> dict[str, float]:
     """Runs the epochs from ``run.position``; returns the best and last validation top-1 (see the module docstring).
 
     In a data-parallel run rank 0 evaluates and writes files; the other ranks receive its accuracy. A SIGINT or
-    SIGTERM stops the run at the next boundary with its training state saved there (:mod:`lrwa_plugin.stopping`).
+    SIGTERM stops the run at the next boundary with its training state saved there (:mod:`lrwa_plugin.run.stopping`).
     """
     args, world, trainer = run.args, run.world, run.trainer
     box = trainer.box

@@ -1,7 +1,7 @@
 """The command line behind ``examples/run_torchdistill.py`` and ``python -m lrwa_plugin``: torchdistill's example flags,
 plus data-free strategies.
 
-``python examples/run_torchdistill.py --config X.yaml`` runs a torchdistill config (:mod:`lrwa_plugin.runner`). With
+``python examples/run_torchdistill.py --config X.yaml`` runs a torchdistill config (:mod:`lrwa_plugin.run.runner`). With
 ``train.strategy`` (``lrwa`` | ``mb_dfkd`` | ``pre_dfkd`` | ``dfad``) the student is trained data-free by
 :class:`lrwa_plugin.box.DataFreeDistillationBox`; without it the config runs as torchdistill's own
 ``examples/torchvision/image_classification.py`` would run it (that is how the digits teacher is trained). With no
@@ -31,12 +31,12 @@ from torchdistill.common.constant import def_logger
 from torchdistill.common.main_util import setup_for_distributed
 from torchdistill.misc.log import set_basic_log_config, setup_log_file
 
+from ..errors import ConfigError, NonFiniteLossError
+from ..util import first_line
 from .distributed import World, destroy, init_distributed
-from .errors import ConfigError, NonFiniteLossError
-from .outputs import check_writable
+from .files import check_writable
 from .runner import load_config, run_config
 from .stopping import RunStopped, interruptible
-from .util import first_line
 
 logger = def_logger.getChild(__name__)
 

@@ -8,7 +8,7 @@ again, so a long comparison can be stopped and continued later, and its small pe
 * ``OUT/summary.json`` and ``OUT/summary.md``: one row per config, each statistic mean ± sample std over seeds, the
   run time of its runs (wall and CPU seconds, as measured here), the definition under the table; with
   ``--baseline CONFIG``, a second table of paired differences to that config (per seed, then mean and 95% Student t
-  interval over the seeds; :func:`lrwa_plugin.evolution.paired_differences`);
+  interval over the seeds; :func:`lrwa_plugin.run.evolution.paired_differences`);
 * ``OUT/evolution.png``: per-epoch accuracy, one line per config, mean with a ±std band over seeds.
 
 ``--name NAME`` writes ``NAME.json``, ``NAME.md`` and ``NAME.png`` instead, so other tables (a subset of the configs,
@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..util import atomic_write_text, listed
 from .evolution import (
     DEFINITION,
     PAIRED_DEFINITION,
@@ -48,7 +49,6 @@ from .evolution import (
     summarise,
     summary_markdown,
 )
-from .util import atomic_write_text, listed
 
 #: The runner every run is a process of: the installed package's command line (``python -m lrwa_plugin``).
 RUNNER = ('-m', 'lrwa_plugin')

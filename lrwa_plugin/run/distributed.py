@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torchdistill.common.constant import def_logger
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 logger = def_logger.getChild(__name__)
 

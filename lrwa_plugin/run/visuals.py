@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from .util import atomic_write
+from ..util import atomic_write
 
 
 def _grid(images: Tensor, columns: int, padding: int = 2) -> Tensor:

@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .util import atomic_write, listed
+from ..util import atomic_write, listed
 
 StrPath = str | os.PathLike
 

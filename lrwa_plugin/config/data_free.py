@@ -16,7 +16,7 @@ A data-free config is a torchdistill config with two keys under ``train`` (Patel
 :func:`parse_data_free` reads that structure into a :class:`DataFreeConfig` (defaults live here, once).
 :func:`validate_config` does that and, before any model is built, lets each component speak for itself: the
 generator, its optimizer, scheduler and criterion, the replay memory and the strategy are checked against their
-signatures and built once by the engine (:mod:`lrwa_plugin.validation`); a component with rules about the rest of
+signatures and built once by the engine (:mod:`lrwa_plugin.config.checks`); a component with rules about the rest of
 the run declares them beside its code (``check_config`` classmethods of memories and strategies). Every problem is a
 :class:`~lrwa_plugin.errors.ConfigError` naming the key path.
 """
@@ -30,10 +30,10 @@ from typing import Any
 
 from torchdistill.models.registry import MODEL_DICT
 
-from .errors import ConfigError
-from .registry import REPLAY_DICT, STRATEGY_DICT
-from .util import did_you_mean, show
-from .validation import (
+from ..errors import ConfigError
+from ..registry import REPLAY_DICT, STRATEGY_DICT
+from ..util import did_you_mean, show
+from .checks import (
     check_criterion,
     check_keys,
     check_kwargs,

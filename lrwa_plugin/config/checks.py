@@ -43,8 +43,8 @@ from torchdistill.losses.registry import (
 )
 from torchdistill.optim.registry import OPTIM_DICT, SCHEDULER_DICT
 
-from .errors import ConfigError
-from .util import did_you_mean, first_line, listed, show
+from ..errors import ConfigError
+from ..util import did_you_mean, first_line, listed, show
 
 __all__ = ['ConfigError', 'mapping', 'check_keys', 'require', 'count', 'finite', 'choice', 'check_kwargs',
            'dry_build', 'refused', 'narrow_path', 'rng_untouched', 'check_optimizer', 'check_scheduler',

@@ -23,7 +23,7 @@ from typing import Any
 
 from scipy.stats import t as student_t
 
-from .util import atomic_write_text
+from ..util import atomic_write_text
 
 DEFINITION = (
     'With a_e the top-1 test accuracy in percent after epoch e = 1..E: mu = mean(a_e), sigma2 = population variance '
@@ -161,7 +161,7 @@ def plot_evolution(curves: Mapping[str, Sequence[Sequence[float]]], path: str | 
     from matplotlib import pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from .monitor import save_figure
+    from .visuals import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for label, runs in curves.items():
