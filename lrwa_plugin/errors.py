@@ -1,12 +1,6 @@
-"""The plugin's own errors: what the runner turns into one line and an exit status; anything else keeps its traceback.
-
-=====================  ===========  ==============================================================================
-error                  exit status  when
-=====================  ===========  ==============================================================================
-:class:`ConfigError`   2            a config value, flag or file that cannot work, found before anything is trained
-:class:`NonFiniteLossError` 3       a loss or gradient became NaN or infinite; training stops before the optimizer
-                                    applies it and nothing is saved over the last checkpoint
-=====================  ===========  ==============================================================================
+"""The plugin's own errors: the failures the runner reports as one ``error:`` line and an exit status (2 for a config
+that cannot work, 3 for a non-finite loss), where anything else keeps its traceback. They take no YAML of their own:
+a :class:`ConfigError` names the YAML key path (or flag) that is wrong.
 """
 from __future__ import annotations
 
@@ -22,6 +16,11 @@ class ConfigError(ValueError):
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f'{path}: {message}')
         self.path = path
+        self.detail = message
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same error one level up: a component's argument ``alpha`` becomes ``train.data_free.meta.alpha``."""
+        return ConfigError(f'{prefix}.{self.path}' if prefix else self.path, self.detail)
 
 
 class NonFiniteLossError(RuntimeError):

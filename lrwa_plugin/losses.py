@@ -35,6 +35,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchdistill.common.constant import SELF_MODULE_PATH
 from torchdistill.losses.registry import register_mid_level_loss
 
+from .config.checks import choice, finite
+from .errors import ConfigError
+
 #: Where the box puts the teacher's BatchNorm statistics in the teacher I/O dict during a generator step.
 BN_STATS_PATH = 'bn_stats'
 
@@ -137,12 +140,10 @@ class AdversarialLoss(_TeacherStudentLoss):
     def __init__(self, kind: str = 'l1', temperature: float = 1.0, clamp: tuple[float, float] | list[float] = JS_CLAMP,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if kind not in ADVERSARIAL_KINDS:
-            raise ValueError(f"AdversarialLoss: kind '{kind}' is not one of {', '.join(ADVERSARIAL_KINDS)}")
-        if not temperature > 0:
-            raise ValueError(f'AdversarialLoss: temperature must be > 0, got {temperature}')
+        choice(kind, ADVERSARIAL_KINDS, 'kind')
+        finite(temperature, 'temperature', positive=True)
         if len(clamp) != 2 or not 0 < clamp[0] < clamp[1] <= 1:
-            raise ValueError(f'AdversarialLoss: clamp must be [min, max] with 0 < min < max <= 1, got {clamp}')
+            raise ConfigError('clamp', f'expected [min, max] with 0 < min < max <= 1, got {clamp}')
         self.kind, self.temperature, self.clamp = kind, float(temperature), (float(clamp[0]), float(clamp[1]))
 
     def forward(self, student_io_dict: dict, teacher_io_dict: dict, *args: Any, **kwargs: Any) -> Tensor:

@@ -74,7 +74,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .util import finite_number, one_of, unwrap
+from .config.checks import choice, finite
+from .util import unwrap
 
 __all__ = ['BACKENDS', 'ORDERS', 'INNER_BN', 'RetainWhileAcquire', 'retain_while_acquire']
 
@@ -111,11 +112,11 @@ class RetainWhileAcquire:
 
     def __init__(self, alpha: float | None = None, backend: str = 'higher', order: str = 'second',
                  inner_bn: str = 'update', fd_eps: float = DEFAULT_FD_EPS) -> None:
-        self.alpha = None if alpha is None else finite_number('meta', 'alpha', alpha, low=0)
-        self.backend = one_of('meta', 'backend', backend, BACKENDS)
-        self.order = one_of('meta', 'order', order, ORDERS)
-        self.inner_bn = one_of('meta', 'inner_bn', inner_bn, INNER_BN)
-        self.fd_eps = finite_number('meta', 'fd_eps', fd_eps, low=0)
+        self.alpha = None if alpha is None else finite(alpha, 'alpha', low=0)
+        self.backend = choice(backend, BACKENDS, 'backend')
+        self.order = choice(order, ORDERS, 'order')
+        self.inner_bn = choice(inner_bn, INNER_BN, 'inner_bn')
+        self.fd_eps = finite(fd_eps, 'fd_eps', low=0)
         self._state: _StudentState | None = None
 
     def __repr__(self) -> str:
@@ -141,7 +142,7 @@ class RetainWhileAcquire:
                 raise ValueError('meta: no alpha: give it when building RetainWhileAcquire or with every call')
             alpha = self.alpha
         else:
-            alpha = finite_number('meta', 'alpha', alpha, low=0, low_open=False)
+            alpha = finite(alpha, 'alpha', low=0, low_open=False)
         module = unwrap(student)
         state = self._state_for(module, patched=retain is not None and self.backend == 'higher')
         params = state.trainable

@@ -42,11 +42,11 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from .config.checks import choice, finite
 from .errors import ConfigError
 from .meta import DEFAULT_FD_EPS, RetainWhileAcquire
 from .registry import REPLAY_DICT, STRATEGY_DICT, register_strategy
 from .replay import GenerativeReplay, MemoryBank, MomentumGenerator, ReplayMemory
-from .util import finite_number, one_of
 
 LossClosure = Callable[[Callable[..., Any]], Tensor]
 """Runs a student callable (the student at θ, or at other parameters) on a batch; returns the criterion."""
@@ -161,12 +161,11 @@ class JointReplay(Strategy):
     accepts = (MemoryBank,)
 
     def __init__(self, combine: str = 'sum', retain_weight: float = 1.0) -> None:
-        self.combine = one_of(type(self).__name__, 'combine', combine, COMBINES)
-        self.retain_weight = finite_number(type(self).__name__, 'retain_weight', retain_weight, low=0,
-                                           low_open=False)
+        self.combine = choice(combine, COMBINES, 'combine')
+        self.retain_weight = finite(retain_weight, 'retain_weight', low=0, low_open=False)
         if self.combine == 'concat' and self.retain_weight != 1.0:
-            raise ValueError(f"{type(self).__name__}: retain_weight is not used with combine 'concat' (new and "
-                             'replayed rows weigh by their counts)')
+            raise ConfigError('retain_weight', "is not used with combine 'concat' (new and replayed rows weigh by "
+                                               'their counts)')
 
     def backward(self, student: nn.Module, losses: StepLosses) -> dict[str, float]:
         if losses.retain is None:
@@ -249,10 +248,9 @@ class LearnToRetainWhileAcquiring(Strategy):
     def __init__(self, alpha: float | None = None, alpha_per_lr: float | None = None, backend: str = 'higher',
                  order: str = 'second', inner_bn: str = 'update', fd_eps: float = DEFAULT_FD_EPS) -> None:
         if (alpha is None) == (alpha_per_lr is None):
-            raise ValueError('meta: give exactly one of alpha (a constant inner step) and alpha_per_lr '
-                             "(α = alpha_per_lr × the student's learning rate)")
-        self.alpha_per_lr = None if alpha_per_lr is None else finite_number('meta', 'alpha_per_lr', alpha_per_lr,
-                                                                            low=0)
+            raise ConfigError('alpha', "give exactly one of alpha (a constant inner step) and alpha_per_lr (α = "
+                                       "alpha_per_lr × the student's learning rate)")
+        self.alpha_per_lr = None if alpha_per_lr is None else finite(alpha_per_lr, 'alpha_per_lr', low=0)
         self.meta = RetainWhileAcquire(alpha, backend=backend, order=order, inner_bn=inner_bn, fd_eps=fd_eps)
 
     def alpha(self, lr: float | None) -> float:

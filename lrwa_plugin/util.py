@@ -2,8 +2,6 @@
 
 * messages: :func:`first_line` (one line of an exception), :func:`listed` (a bounded list), :func:`show` (a short repr),
   :func:`did_you_mean`;
-* argument checks that raise ``ValueError`` naming the owner and the argument: :func:`positive_int`,
-  :func:`finite_number`, :func:`one_of`;
 * modules: :func:`unwrap` (DataParallel / DistributedDataParallel), :func:`modes_kept` (train/eval modes restored);
 * trees of tensors (torchdistill I/O dicts): :func:`tree_map`, :func:`cat_rows`;
 * files: :func:`atomic_write` and :func:`atomic_write_text` (temporary file in the same folder, fsync, rename), so a
@@ -13,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import math
-import numbers
 import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -60,43 +56,6 @@ def did_you_mean(word: Any, choices: Iterable[Any]) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``choices``, or ``''``."""
     matches = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f' (did you mean {matches[0]!r}?)' if matches else ''
-
-
-# ------------------------------------------------------------------------------------------------ argument checks
-def positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` if it is an integer ``>= minimum`` (booleans are not), else a ``ValueError`` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = 'a positive integer' if minimum == 1 else f'an integer >= {minimum}'
-        raise ValueError(f'{owner}: {name} must be {what}, got {value!r}')
-    return value
-
-
-def is_finite_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-
-
-def finite_number(owner: str, name: str, value: Any, low: float | None = None, high: float | None = None,
-                  low_open: bool = True, high_open: bool = True) -> float:
-    """``float(value)`` if it is a finite number within the bounds given (open by default), else a ``ValueError``."""
-    inside = is_finite_number(value) \
-        and (low is None or (value > low if low_open else value >= low)) \
-        and (high is None or (value < high if high_open else value <= high))
-    if not inside:
-        bounds = []
-        if low is not None:
-            bounds.append(f'{">" if low_open else ">="} {low:g}')
-        if high is not None:
-            bounds.append(f'{"<" if high_open else "<="} {high:g}')
-        where = f' {" and ".join(bounds)}' if bounds else ''
-        raise ValueError(f'{owner}: {name} must be a finite number{where}, got {value!r}')
-    return float(value)
-
-
-def one_of(owner: str, name: str, value: Any, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``, else a ``ValueError`` listing them (with a did-you-mean)."""
-    if isinstance(value, str) and value in choices:
-        return value
-    raise ValueError(f'{owner}: {name} {value!r} is not one of {", ".join(choices)}{did_you_mean(value, choices)}')
 
 
 # ------------------------------------------------------------------------------------------------------- modules

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torchdistill.models.registry import get_model
 
 import lrwa_plugin  # noqa: F401  (registers the models)
-from lrwa_plugin.models.cifar import MODEL_NAMES
+from lrwa_plugin.models.timm_compat import MODEL_NAMES
 from lrwa_plugin.models.timm_model import input_shape_of, timm_model
 from lrwa_plugin.run.checkpoint import atomic_save, load_weights_strictly
 
@@ -27,7 +27,7 @@ def bn(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
 
 def published_resnet_layout(num_blocks: list[int], num_classes: int) -> dict[str, tuple[int, ...]]:
     """Key -> shape of DAFL's ``resnet.py`` (DFAD ``ResNet*_8x``, CMI ``resnet18/34``, PRE-DFKD/LRWA ``ResNet18/34``),
-    written out from that code's structure, independently of lrwa_plugin.models.cifar."""
+    written out from that code's structure, independently of lrwa_plugin.models.resnet_cifar."""
     layout = {'conv1.weight': (64, 3, 3, 3), **bn('bn1', 64)}
     in_planes = 64
     for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), num_blocks), start=1):

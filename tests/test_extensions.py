@@ -11,6 +11,7 @@ from conftest import DIGITS_CONFIGS, SHORT_RUN, run_cli, write_config
 from torchdistill.core.interfaces.post_forward_proc import default_post_forward_process
 from torchdistill.core.interfaces.registry import POST_FORWARD_PROC_FUNC_DICT, register_post_forward_proc_func
 
+from lrwa_plugin.errors import ConfigError
 from lrwa_plugin.registry import REPLAY_DICT, STRATEGY_DICT, register_replay, register_strategy
 from lrwa_plugin.replay import MemoryBank, Replayed, ReplayMemory
 from lrwa_plugin.run import cli, runner
@@ -67,8 +68,8 @@ class ToyJoint(Strategy):
     accepts = (MemoryBank,)
 
     def __init__(self, retain_weight: float = 1.0) -> None:
-        if not retain_weight >= 0:
-            raise ValueError(f'toy_joint: retain_weight must be >= 0, got {retain_weight}')
+        if not retain_weight >= 0:  # a ConfigError's path names the argument: the runner puts it below its block
+            raise ConfigError('retain_weight', f'must be >= 0, got {retain_weight}')
         self.retain_weight = retain_weight
 
     def backward(self, student: torch.nn.Module, losses: StepLosses) -> dict[str, float]:
@@ -97,7 +98,7 @@ def test_a_strategy_registered_outside_the_package_takes_its_own_kwargs(register
     assert CALLS == ['toy_joint 0.25 False'] * 2 + ['toy_joint 0.25 True'] * 2  # the memory fills after epoch 0
     bad = write_config(config, work / 'bad.yaml', {'retain_weight: 0.25': 'retain_weight: -1.0'})
     assert run_cli(bad) == 2
-    assert 'error: train.strategy.kwargs.retain_weight: toy_joint refused it' in capsys.readouterr().err
+    assert capsys.readouterr().err == 'error: train.strategy.kwargs.retain_weight: must be >= 0, got -1.0\n'
     wrong_memory = write_config(DIGITS_CONFIGS / 'lrwa_gr.yaml', work / 'gr.yaml', {
         **ONE_ITERATION, "strategy: 'lrwa'": "strategy: 'toy_joint'",
         "    meta: {alpha_per_lr: 1.0, backend: 'higher', order: 'second'}\n": ''})

@@ -121,10 +121,10 @@ def test_split_is_fixed_and_disjoint(splits):
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="split 'val' is not one of train, test"):
+    with pytest.raises(ValueError, match="split: unknown split 'val'; expected one of: train, test"):
         MlxtendMNIST('val')
     for size in (0, 32.0, True):
-        with pytest.raises(ValueError, match='image_size must be a positive integer'):
+        with pytest.raises(ValueError, match='image_size: expected a positive integer'):
             MlxtendMNIST('test', image_size=size)
 
 

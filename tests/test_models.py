@@ -114,5 +114,5 @@ def test_replay_vae_reconstructs_and_decodes_generator_shaped_samples():
     dcgan = get_model('ReplayVAE', nz=8, img_size=16, nc=3,
                       decoder={'key': 'DCGANGenerator', 'kwargs': {'nz': 8, 'img_size': 16, 'nc': 3, 'ngf': 4}})
     assert dcgan.decode(dcgan.sample_latent(2)).abs().max() <= 1.0
-    with pytest.raises(ValueError, match='decoder nz'):
+    with pytest.raises(ValueError, match="decoder.kwargs.nz: 4 must equal the VAE's nz"):
         get_model('ReplayVAE', nz=8, img_size=8, nc=1, decoder={'key': 'DAFLGenerator', 'kwargs': {'nz': 4}})

@@ -297,9 +297,9 @@ def test_cifar_that_cannot_be_downloaded_or_is_corrupted_says_so(tmp_path, monke
     (tmp_path / 'cifar-10-batches-py').mkdir()
     with pytest.raises(FileNotFoundError, match='CIFAR-10 under .* is incomplete or corrupted'):
         cifar('cifar10', tmp_path, 'test')
-    with pytest.raises(ValueError, match="name 'cifar1000' is not one of cifar10, cifar100"):
+    with pytest.raises(ValueError, match="name: unknown name 'cifar1000' .*expected one of: cifar10, cifar100"):
         cifar('cifar1000', tmp_path, 'test')
-    with pytest.raises(ValueError, match="split 'val' is not one of train, test"):
+    with pytest.raises(ValueError, match="split: unknown split 'val'; expected one of: train, test"):
         cifar('cifar100', tmp_path, 'val')
 
 
@@ -373,5 +373,5 @@ def test_tiny_imagenet_errors(tmp_path, monkeypatch):
     (folder / 'train' / 'n11111111').mkdir()
     with pytest.raises(FileNotFoundError, match='val/ and train/ have different class folders'):
         tiny_imagenet(folder, 'val')
-    with pytest.raises(ValueError, match="split 'test' is not one of train, val"):
+    with pytest.raises(ValueError, match="split: unknown split 'test'; expected one of: train, val"):
         tiny_imagenet(folder, 'test')

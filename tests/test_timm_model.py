@@ -14,6 +14,7 @@ from torch import nn
 from torchdistill.common.main_util import save_ckpt
 from torchdistill.models.registry import MODEL_DICT, get_model
 
+from lrwa_plugin.errors import ConfigError
 from lrwa_plugin.models.timm_model import input_shape_of, timm_model
 from lrwa_plugin.run.checkpoint import atomic_save, load_state_dict_file, load_weights_strictly
 
@@ -119,7 +120,7 @@ def test_plain_weights_preferred_over_ema_unless_only_ema(source, tmp_path):
 
 def test_missing_file_names_the_path(tmp_path):
     path = tmp_path / 'nope' / 'teacher.pth'
-    with pytest.raises(FileNotFoundError, match=re.escape(f"timm_model {ARCH} checkpoint '{path}' does not exist")):
+    with pytest.raises(ConfigError, match=re.escape(f"checkpoint_path: checkpoint '{path}' does not exist")):
         get_model('timm_model', model_name=ARCH, num_classes=NUM_CLASSES, checkpoint_path=str(path))
     with pytest.raises(FileNotFoundError, match=re.escape(f"teacher checkpoint '{path}' does not exist")):
         load_state_dict_file(path, what='teacher')
@@ -151,7 +152,7 @@ def test_other_architecture_is_refused_with_key_lists(tmp_path):
     expected_keys, found_keys = set(timm_model(ARCH, num_classes=NUM_CLASSES).state_dict()), set(other.state_dict())
     n_missing, n_unexpected = len(expected_keys - found_keys), len(found_keys - expected_keys)
     assert '\n' not in message
-    assert f"timm_model {ARCH} checkpoint '{path}' does not match the model: missing keys [conv1.0.weight" in message
+    assert f"checkpoint_path: checkpoint '{path}' does not match the model: missing keys [conv1.0.weight" in message
     missing = re.search(r'missing keys \[([^]]*)\]', message).group(1).split(', ')
     unexpected = re.search(r'unexpected keys \[([^]]*)\]', message).group(1).split(', ')
     assert missing[-1] == f'+{n_missing - 5} more' and set(missing[:-1]) <= expected_keys - found_keys
@@ -168,7 +169,7 @@ def test_other_architecture_is_refused_with_key_lists(tmp_path):
 def test_corrupted_file_is_a_value_error(name, content, tmp_path):
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=re.escape(f"timm_model {ARCH} checkpoint '{path}' could not be read: ")):
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint_path: checkpoint '{path}' could not be read: ")):
         timm_model(ARCH, num_classes=NUM_CLASSES, checkpoint_path=path)
 
 
@@ -209,7 +210,7 @@ def test_pickled_code_is_never_executed(tmp_path):
 
 
 def test_pretrained_true_is_refused():
-    with pytest.raises(ValueError, match=r'pretrained=True is refused.*checkpoint_path'):
+    with pytest.raises(ValueError, match=r'pretrained: true is refused.*checkpoint_path'):
         get_model('timm_model', model_name=ARCH, num_classes=NUM_CLASSES, pretrained=True)
 
 

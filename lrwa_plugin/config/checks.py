@@ -47,7 +47,7 @@ from ..errors import ConfigError
 from ..util import did_you_mean, first_line, listed, show
 
 __all__ = ['ConfigError', 'mapping', 'check_keys', 'require', 'count', 'finite', 'choice', 'check_kwargs',
-           'dry_build', 'refused', 'narrow_path', 'rng_untouched', 'check_optimizer', 'check_scheduler',
+           'dry_build', 'refused', 'rng_untouched', 'check_optimizer', 'check_scheduler',
            'check_criterion']
 
 COMPONENT_KEYS: tuple[str, ...] = ('key', 'kwargs')
@@ -82,11 +82,19 @@ def count(value: Any, path: str, minimum: int = 1) -> int:
     return value
 
 
-def finite(value: Any, path: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or (positive and value <= 0):
-        raise ConfigError(path, f'expected a finite number{" > 0" if positive else ""}, got {show(value)}'
-                                f'{_number_hint(value)}')
+def finite(value: Any, path: str, low: float | None = None, high: float | None = None, low_open: bool = True,
+           high_open: bool = True, positive: bool = False) -> float:
+    """``float(value)`` if it is a finite number within the bounds given (open by default; ``positive``: > 0)."""
+    if positive:
+        low, low_open = 0.0, True
+    inside = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) \
+        and (low is None or (value > low if low_open else value >= low)) \
+        and (high is None or (value < high if high_open else value <= high))
+    if not inside:
+        bounds = [f'{">" if low_open else ">="} {low:g}'] if low is not None else []
+        bounds += [f'{"<" if high_open else "<="} {high:g}'] if high is not None else []
+        where = f' {" and ".join(bounds)}' if bounds else ''
+        raise ConfigError(path, f'expected a finite number{where}, got {show(value)}{_number_hint(value)}')
     return float(value)
 
 
@@ -102,27 +110,14 @@ def _number_hint(value: Any) -> str:
     return ''
 
 
-def choice(value: Any, choices: Sequence[str], path: str, what: str, known: str = 'expected one of') -> str:
+def choice(value: Any, choices: Sequence[str], path: str, what: str | None = None,
+           known: str = 'expected one of') -> str:
+    """``value`` if it is one of ``choices``; ``what`` names it in the message (default: the last key of ``path``)."""
+    what = path.rpartition('.')[2] if what is None else what
     if isinstance(value, str) and value in choices:
         return value
     raise ConfigError(path, f'unknown {what} {show(value)}{did_you_mean(value, choices)}; '
                             f'{known}: {listed(choices) or "none"}')
-
-
-def without_prefix(text: str, *prefixes: str) -> str:
-    """Drops a leading ``<prefix>:`` or ``<prefix> `` that would repeat what the message already says."""
-    for prefix in prefixes:
-        for separator in (': ', ' '):
-            if text.startswith(prefix + separator):
-                return text[len(prefix) + len(separator):]
-    return text
-
-
-def narrow_path(path: str, kwargs: Mapping, error: BaseException) -> str:
-    """Narrows ``path`` to ``path.<arg>`` when the error names exactly one of the given arguments."""
-    text = str(error)
-    named = [key for key in kwargs if re.search(rf'\b{re.escape(str(key))}\b', text)]
-    return f'{path}.{named[0]}' if len(named) == 1 else path
 
 
 @contextlib.contextmanager
@@ -190,12 +185,12 @@ def check_kwargs(factory: Callable[..., Any], kwargs: Mapping, path: str, name: 
     return True
 
 
-def dry_build(path: str, name: str, build: Callable[[], Any], kwargs: Mapping) -> Any:
+def dry_build(path: str, name: str, build: Callable[[], Any]) -> Any:
     """Builds a component to let its own argument checks speak; returns it, or raises a ConfigError at ``path``.
 
     The build is tried on the meta device first (nothing allocated or initialised); meta tensors refuse some
-    legitimate code (``.item()``), so a failure there is confirmed by a real build before it is reported. The
-    message is the component's own, narrowed to the argument it names.
+    legitimate code (``.item()``), so a failure there is confirmed by a real build before it is reported; see
+    :func:`refused` for the key path it is reported at.
     """
     with contextlib.suppress(Exception), rng_untouched(), torch.device('meta'):
         return build()
@@ -203,15 +198,15 @@ def dry_build(path: str, name: str, build: Callable[[], Any], kwargs: Mapping) -
         with rng_untouched():
             return build()
     except (ValueError, TypeError, RuntimeError, KeyError, AssertionError, ZeroDivisionError) as error:
-        raise refused(path, name, error, kwargs) from error
+        raise refused(path, name, error) from error
 
 
-def refused(path: str, name: str, error: BaseException, kwargs: Mapping) -> ConfigError:
-    """The :class:`ConfigError` for a component ``name`` that refused its arguments with ``error``."""
+def refused(path: str, name: str, error: BaseException) -> ConfigError:
+    """The :class:`ConfigError` for a component ``name`` built from the kwargs at ``path`` that refused them: its own
+    :class:`ConfigError` (whose path names the argument) moved below ``path``; any other error at ``path``."""
     if isinstance(error, ConfigError):
-        return error
-    return ConfigError(narrow_path(path, kwargs, error),
-                       f'{name} refused it: {without_prefix(first_line(error), name)}')
+        return error.under(path)
+    return ConfigError(path, f'{name} refused it: {first_line(error)}')
 
 
 def check_component(block: Any, path: str, registry: Mapping[str, Callable[..., Any]], what: str,
@@ -234,7 +229,7 @@ def check_optimizer(block: Any, path: str, parameters: Sequence[nn.Parameter] | 
     key, kwargs = check_component(block, path, OPTIM_DICT, 'optimizer')
     require(block, 'kwargs', path, 'a mapping; {} for none')
     params = list(parameters) if parameters is not None else [nn.Parameter(torch.zeros(1))]
-    return dry_build(f'{path}.kwargs', key, lambda: OPTIM_DICT[key](params, **kwargs), kwargs)
+    return dry_build(f'{path}.kwargs', key, lambda: OPTIM_DICT[key](params, **kwargs))
 
 
 def check_scheduler(block: Any, path: str, optimizer: torch.optim.Optimizer, steps: int = 1) -> None:
@@ -251,7 +246,7 @@ def check_scheduler(block: Any, path: str, optimizer: torch.optim.Optimizer, ste
             for _ in range(steps):
                 scheduler.step(*([1.0] if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else []))
 
-    dry_build(f'{path}.kwargs', key, build, kwargs)
+    dry_build(f'{path}.kwargs', key, build)
 
 
 def _named_init_parameters(cls: type) -> list[str]:

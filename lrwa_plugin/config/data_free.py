@@ -229,8 +229,8 @@ def _check_built(component: Component, factory: Any, config: DataFreeConfig) -> 
         try:
             check_config(component.kwargs, config)
         except ValueError as error:
-            raise refused(component.kwargs_path, name, error, component.kwargs) from error
-    dry_build(component.kwargs_path, name, lambda: factory(**component.kwargs), component.kwargs)
+            raise refused(component.kwargs_path, name, error) from error
+    dry_build(component.kwargs_path, name, lambda: factory(**component.kwargs))
 
 
 def check_data_free(config: DataFreeConfig) -> None:

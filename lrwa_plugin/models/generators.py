@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchdistill.models.registry import register_model
 
+from ..config.checks import count
 from ..errors import ConfigError
 from .timm_model import input_shape_of
 
@@ -50,10 +51,7 @@ class _LatentGenerator(nn.Module):
 
     def __init__(self, nz: int, img_size: int, nc: int) -> None:
         super().__init__()
-        for name, value in (('nz', nz), ('img_size', img_size), ('nc', nc)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f'{type(self).__name__}: {name} must be a positive integer, got {value!r}')
-        self.nz, self.img_size, self.nc = nz, img_size, nc
+        self.nz, self.img_size, self.nc = count(nz, 'nz'), count(img_size, 'img_size'), count(nc, 'nc')
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
@@ -88,7 +86,7 @@ class DAFLGenerator(_LatentGenerator):
                  spectral_norm: bool = False) -> None:
         super().__init__(nz, img_size, nc)
         if img_size % 4 != 0:
-            raise ValueError(f'DAFLGenerator: img_size must be a positive multiple of 4, got {img_size}')
+            raise ConfigError('img_size', f'must be a positive multiple of 4, got {img_size}')
         self.init_size = img_size // 4
         self.project = nn.Linear(nz, ngf * self.init_size ** 2)
         self.bn0 = nn.BatchNorm2d(ngf)
@@ -138,7 +136,7 @@ class DCGANGenerator(_LatentGenerator):
         super().__init__(nz, img_size, nc)
         doublings = round(math.log2(img_size / 4)) if img_size >= 8 else 0
         if doublings < 1 or 4 * 2 ** doublings != img_size:
-            raise ValueError(f'DCGANGenerator: img_size must be 4 times a power of two (8, 16, 32, 64, ...), '
+            raise ConfigError('img_size', 'must be 4 times a power of two (8, 16, 32, 64, ...), '
                              f'got {img_size}')
         channels = ngf * 2 ** (doublings - 1)
         layers: list[nn.Module] = [nn.ConvTranspose2d(nz, channels, 4, 1, 0, bias=False), nn.BatchNorm2d(channels),

@@ -7,19 +7,9 @@ has half the channels in every layer (``3, 8, 60, 42``; 15,738 parameters). The 
 ``fc2``), whose input ``ActivationNormLoss`` hooks by default.
 
 ``batch_norm: True`` adds a ``BatchNorm2d`` after each convolution (before its ReLU), a deviation from DAFL, whose
-LeNets have none. The shipped ``examples/configs/mnist`` use it in both models, chosen by experiment (seed 0, the
-shipped budget of 10 epochs of 12 iterations, top-1 on the 1,000 test digits):
-
-* teacher: BN-statistics matching (``BNStatMatchingLoss``, as in DeepInversion, Yin et al., CVPR 2020; the
-  generator loss of every config here, as on digits) needs BatchNorm in the teacher. With it the teacher is better
-  (98.4% against 97.7% for DAFL's LeNet-5 on the same 4,000 digits); the student is not: ``dfad`` reached 94.2%
-  from it, and 94.1% from the BatchNorm-free teacher with the ``bn`` term dropped (on MNIST the one-hot and
-  information-entropy priors keep the adversarial generator from collapsing);
-* student: without BatchNorm, LeNet-5-half reached 93.5% under ``dfad`` (94.2% with it) and 92.8% under
-  ``mb_dfkd`` (94.8%), and under ``lrwa`` (``alpha: 0.5``, student lr 0.1) it fell to chance (10%) at its first
-  replayed batch and stayed there (93.7% with it).
-
-With ``batch_norm: False`` each model is exactly DAFL's.
+LeNets have none: BN-statistics matching (``BNStatMatchingLoss``, as in DeepInversion, Yin et al., CVPR 2020) needs
+BatchNorm in the teacher, and the shipped ``examples/configs/mnist`` use it in both models (the runs behind that
+choice: docs/datasets_and_paper_scale.md). With ``batch_norm: False`` each model is exactly DAFL's.
 
 .. code-block:: yaml
 

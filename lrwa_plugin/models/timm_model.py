@@ -35,7 +35,9 @@ from timm.models import get_model_input_config, parse_model_name, split_model_na
 from torch import nn
 from torchdistill.models.registry import register_model
 
+from ..errors import ConfigError
 from ..run.checkpoint import load_weights_strictly
+from ..util import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +50,9 @@ def _check_model_name(model_name: str) -> None:
     """Refuses names that would need the network or are not timm architectures (with close matches)."""
     source, model_id = parse_model_name(model_name)
     if source == 'hf-hub':
-        raise ValueError(f"timm_model: '{model_name}' would be fetched from the Hugging Face Hub, but nothing can be "
-                         "downloaded; use the architecture name (e.g. 'resnet18') plus a local checkpoint_path")
+        raise ConfigError('model_name', f"'{model_name}' would be fetched from the Hugging Face Hub, but nothing "
+                                        "can be downloaded; use the architecture name (e.g. 'resnet18') plus a local "
+                                        'checkpoint_path')
     if source is not None:
         return  # local-dir: timm reads the config from that folder
     arch, _ = split_model_name_tag(model_id)
@@ -57,7 +60,7 @@ def _check_model_name(model_name: str) -> None:
         return
     matches = difflib.get_close_matches(arch, timm.list_models(), n=_MAX_SUGGESTIONS, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(m) for m in matches)}?" if matches else '; see timm.list_models()'
-    raise ValueError(f"timm_model: unknown timm model '{model_name}'{hint}")
+    raise ConfigError('model_name', f"unknown timm model '{model_name}'{hint}")
 
 
 @register_model(key='timm_model')
@@ -79,11 +82,12 @@ def timm_model(model_name: str, num_classes: int | None = None, checkpoint_path:
 
     Raises:
         ValueError: ``pretrained=True``, an unknown or remote ``model_name``, or an unreadable/mismatching checkpoint.
-        FileNotFoundError: ``checkpoint_path`` does not exist.
+        ConfigError: an argument that cannot work, e.g. a ``checkpoint_path`` that does not exist or does not fit
+            (its ``path`` names the argument).
     """
     if pretrained:
-        raise ValueError(f"timm_model {model_name}: pretrained=True is refused because nothing can be downloaded "
-                         "here; set pretrained: False and pass checkpoint_path to a local weights file instead")
+        raise ConfigError('pretrained', 'true is refused because nothing can be downloaded; set pretrained: False '
+                                        'and pass checkpoint_path to a local weights file instead')
     _check_model_name(model_name)
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
@@ -91,7 +95,10 @@ def timm_model(model_name: str, num_classes: int | None = None, checkpoint_path:
     if checkpoint_path is None:
         logger.info('timm_model %s: no checkpoint_path, weights are randomly initialised', model_name)
     else:
-        load_weights_strictly(model, checkpoint_path, what=f'timm_model {model_name}')
+        try:
+            load_weights_strictly(model, checkpoint_path)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError('checkpoint_path', first_line(error, limit=None)) from error
         logger.info("timm_model %s: loaded weights from '%s'", model_name, os.fspath(checkpoint_path))
     return model
 

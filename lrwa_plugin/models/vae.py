@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchdistill.models.registry import get_model, register_model
 
+from ..errors import ConfigError
 from .generators import DAFLGenerator
 
 __all__ = ['ReplayVAE']
@@ -58,7 +59,7 @@ class ReplayVAE(nn.Module):
                  decoder: dict[str, Any] | None = None) -> None:
         super().__init__()
         if img_size <= 0 or img_size % 4 != 0:
-            raise ValueError(f'ReplayVAE: img_size must be a positive multiple of 4, got {img_size}')
+            raise ConfigError('img_size', f'must be a positive multiple of 4, got {img_size}')
         self.nz, self.img_size, self.nc = nz, img_size, nc
         pooled = min(img_size // 4, 4)
         self.encoder = nn.Sequential(_conv_block(nc, nef, 1), _conv_block(nef, 2 * nef, 2),
@@ -70,7 +71,7 @@ class ReplayVAE(nn.Module):
         else:
             self.decoder = get_model(decoder['key'], **decoder.get('kwargs', {}))
             if getattr(self.decoder, 'nz', nz) != nz:
-                raise ValueError(f"ReplayVAE: decoder nz ({self.decoder.nz}) must equal the VAE's nz ({nz})")
+                raise ConfigError('decoder.kwargs.nz', f"{self.decoder.nz} must equal the VAE's nz ({nz})")
 
     @property
     def output_shape(self) -> tuple[int, int, int]:

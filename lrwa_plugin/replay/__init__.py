@@ -1,14 +1,11 @@
-"""Replay memories: where the student's earlier pseudo-samples come back from (knowledge retention, L_Ret).
+"""Replay memories: where the student's earlier pseudo-samples come back from for the retention loss L_Ret.
 
-Every memory is a :class:`ReplayMemory` (:mod:`lrwa_plugin.replay.base`: the calls it receives, its random stream,
-what its state may hold), one file each:
-
-* ``MemoryBank`` (:mod:`.memory_bank`): the memory of MB-DFKD (Binici et al., WACV 2022) and of the LRWA paper
-  (Patel, Mopuri, Qiu, CVPR 2023): a bounded store of generated samples and the teacher's outputs for them;
-* ``GenerativeReplay`` (:mod:`.generative`): the generative pseudo replay of PRE-DFKD (Binici et al., AAAI 2022):
-  a VAE trained on the generated samples, decoding ``z ~ N(0, I)`` to replay;
-* ``MomentumGenerator`` (:mod:`.momentum`): the momentum generator of MAD (Do et al., NeurIPS 2022): an exponential
-  moving average of the generator's weights, replaying its samples.
+A strategy that replays (``mb_dfkd``, ``pre_dfkd``, ``mad``, ``lrwa``) draws a batch from the memory named by
+``train.data_free.replay`` before every student step and shows it every generated batch after it; ``lrwa`` takes any
+memory, the joint strategies the type they accept. The registered keys are ``MemoryBank`` (MB-DFKD, Binici et al.,
+WACV 2022; the LRWA paper), ``GenerativeReplay`` (PRE-DFKD, Binici et al., AAAI 2022) and ``MomentumGenerator`` (MAD,
+Do et al., NeurIPS 2022); a new memory subclasses :class:`ReplayMemory` and is registered with
+:func:`lrwa_plugin.registry.register_replay`.
 
 .. code-block:: yaml
 

@@ -18,9 +18,11 @@ from torch.nn import functional as F
 from torchdistill.models.registry import get_model
 from torchdistill.optim.registry import get_optimizer
 
+from ..config.checks import choice, count, finite
+from ..errors import ConfigError
 from ..models.generators import check_generator_fits_teacher
 from ..registry import register_replay
-from ..util import finite_number, modes_kept, one_of, positive_int
+from ..util import did_you_mean, modes_kept
 from .base import ReplayContext, Replayed, ReplayMemory
 
 DECODE_BN = ('batch', 'running')
@@ -96,17 +98,16 @@ class GenerativeReplay(ReplayMemory):
                  self_replay: int = 0, beta: float = 1e-5, refine: dict[str, Any] | None = None,
                  decode_bn: str = 'batch', seed: int = 0) -> None:
         super().__init__(seed)
-        owner = 'GenerativeReplay'
-        self.batch_size = positive_int(owner, 'batch_size', batch_size)
-        self.train_every = positive_int(owner, 'train_every', train_every)
-        self.train_steps = positive_int(owner, 'train_steps', train_steps)
+        self.batch_size = count(batch_size, 'batch_size')
+        self.train_every = count(train_every, 'train_every')
+        self.train_steps = count(train_steps, 'train_steps')
         if self.train_steps > self.train_every:
-            raise ValueError(f'{owner}: train_steps ({train_steps}) must not exceed train_every ({train_every})')
-        self.train_size = None if train_size is None else positive_int(owner, 'train_size', train_size)
-        self.self_replay = positive_int(owner, 'self_replay', self_replay, minimum=0)
-        self.beta = finite_number(owner, 'beta', beta, low=0, low_open=False)
+            raise ConfigError('train_steps', f'{train_steps} must not exceed train_every ({train_every})')
+        self.train_size = None if train_size is None else count(train_size, 'train_size')
+        self.self_replay = count(self_replay, 'self_replay', minimum=0)
+        self.beta = finite(beta, 'beta', low=0, low_open=False)
         self.refine = self._refine_config(refine)
-        self.decode_bn = one_of(owner, 'decode_bn', decode_bn, DECODE_BN)
+        self.decode_bn = choice(decode_bn, DECODE_BN, 'decode_bn')
         vae = vae or {'key': 'ReplayVAE', 'kwargs': {}}
         self.vae: nn.Module = get_model(vae['key'], **vae.get('kwargs', {}))
         optimizer = optimizer or DEFAULT_VAE_OPTIMIZER
@@ -123,10 +124,10 @@ class GenerativeReplay(ReplayMemory):
             return None
         unknown = sorted(set(refine) - set(REFINE_KEYS))
         if unknown:
-            raise ValueError(f"GenerativeReplay: refine has unknown key '{unknown[0]}' "
-                             f"(allowed: {', '.join(REFINE_KEYS)})")
+            raise ConfigError(f'refine.{unknown[0]}', f"unknown key{did_you_mean(unknown[0], REFINE_KEYS)}; "
+                                                      f"allowed: {', '.join(REFINE_KEYS)}")
         config = {'steps': 1, 'lr': 0.01, 'onehot': 1.0, 'ie': 5.0, **refine}
-        positive_int('GenerativeReplay', 'refine.steps', config['steps'], minimum=0)
+        count(config['steps'], 'refine.steps', minimum=0)
         return config
 
     def __len__(self) -> int:

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config.checks import choice, count
+from ..errors import ConfigError
 from ..registry import register_replay
-from ..util import cat_rows, one_of, positive_int, tree_map
+from ..util import cat_rows, tree_map
 from .base import Replayed, ReplayMemory
 
 MEMORY_POLICIES = ('fifo', 'reservoir')
@@ -85,23 +87,22 @@ class MemoryBank(ReplayMemory):
                  policy: str = 'fifo', dtype: str | None = None, first_push_epoch: int | None = None,
                  draw: str = 'samples', cache_teacher: bool = True, seed: int = 0) -> None:
         super().__init__(seed)
-        owner = 'MemoryBank'
-        self.policy = one_of(owner, 'policy', policy, MEMORY_POLICIES)
+        self.policy = choice(policy, MEMORY_POLICIES, 'policy')
         if dtype is not None:
-            one_of(owner, 'dtype', dtype, tuple(STORAGE_DTYPES))
-        self.capacity = positive_int(owner, 'capacity', capacity)
-        self.push_size = positive_int(owner, 'push_size', push_size)
-        self.push_every_epochs = positive_int(owner, 'push_every_epochs', push_every_epochs)
-        self.batch_size = positive_int(owner, 'batch_size', batch_size)
+            choice(dtype, tuple(STORAGE_DTYPES), 'dtype')
+        self.capacity = count(capacity, 'capacity')
+        self.push_size = count(push_size, 'push_size')
+        self.push_every_epochs = count(push_every_epochs, 'push_every_epochs')
+        self.batch_size = count(batch_size, 'batch_size')
         if self.push_size > self.capacity:
-            raise ValueError(f'{owner}: push_size ({push_size}) must not exceed capacity ({capacity})')
+            raise ConfigError('push_size', f'{push_size} must not exceed capacity ({capacity})')
         self.first_push_epoch = self.push_every_epochs - 1 if first_push_epoch is None else \
-            positive_int(owner, 'first_push_epoch', first_push_epoch, minimum=0)
-        self.draw = one_of(owner, 'draw', draw, DRAWS)
+            count(first_push_epoch, 'first_push_epoch', minimum=0)
+        self.draw = choice(draw, DRAWS, 'draw')
         if self.draw == 'batch' and self.policy != 'fifo':
-            raise ValueError(f"{owner}: draw 'batch' replays whole pushed batches, which only policy 'fifo' keeps")
+            raise ConfigError('draw', "'batch' replays whole pushed batches, which only policy 'fifo' keeps")
         if not isinstance(cache_teacher, bool):
-            raise ValueError(f'{owner}: cache_teacher must be true or false, got {cache_teacher!r}')
+            raise ConfigError('cache_teacher', f'expected true or false, got {cache_teacher!r}')
         self.cache_teacher = cache_teacher
         self.storage_dtype = None if dtype is None else STORAGE_DTYPES[dtype]
         # fifo: pushed batches, oldest first; reservoir: one tensor of the slots. The teacher's I/O dicts row by row.
@@ -119,7 +120,7 @@ class MemoryBank(ReplayMemory):
         first = kwargs.get('first_push_epoch')
         first = every - 1 if first is None and isinstance(every, int) else first
         if config.num_epochs > 1 and isinstance(first, int) and first >= config.num_epochs - 1:
-            raise ValueError(f'MemoryBank: its first push is after epoch {first} (push_every_epochs {every}, '
+            raise ConfigError('push_every_epochs', f'the first push is after epoch {first} (push_every_epochs {every}, '
                              f'first_push_epoch {kwargs.get("first_push_epoch")}) but the run ends after epoch '
                              f'{config.num_epochs - 1}: it would never replay anything; push earlier or train longer')
 

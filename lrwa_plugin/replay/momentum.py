@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config.checks import count, finite
 from ..registry import register_replay
-from ..util import finite_number, positive_int
 from .base import ReplayContext, Replayed, ReplayMemory
 
 
@@ -32,10 +32,9 @@ class MomentumGenerator(ReplayMemory):
 
     **Update**, after every generator step (:meth:`after_generator_step`): every parameter
     ``θ̃ ← m θ̃ + (1 − m) θ`` (``torch.lerp``), and the buffers (BatchNorm running statistics, spectral-norm vectors)
-    copied from ``G``. ``G̃`` starts as a copy of ``G`` when the run is built. What the MAD paper does with the
-    buffers could not be read here (its text was not available offline); they only matter for an eval-mode forward:
-    ``G̃`` samples as ``G`` does during training, in train mode with batch statistics (its running statistics are not
-    moved by sampling).
+    copied from ``G``. ``G̃`` starts as a copy of ``G`` when the run is built. The buffers only matter for an
+    eval-mode forward: ``G̃`` samples as ``G`` does during training, in train mode with batch statistics (its running
+    statistics are not moved by sampling).
 
     **Replay.** :meth:`sample` decodes ``z ~ N(0, I)`` drawn from the memory's stream, without gradient. It replays
     from the first generator update on (before it, ``G̃ = G``). ``len()`` counts the updates.
@@ -55,8 +54,8 @@ class MomentumGenerator(ReplayMemory):
 
     def __init__(self, momentum: float = 0.95, batch_size: int = 64, seed: int = 0) -> None:
         super().__init__(seed)
-        self.momentum = finite_number('MomentumGenerator', 'momentum', momentum, low=0, high=1)
-        self.batch_size = positive_int('MomentumGenerator', 'batch_size', batch_size)
+        self.momentum = finite(momentum, 'momentum', low=0, high=1)
+        self.batch_size = count(batch_size, 'batch_size')
         self.ema: nn.Module | None = None
         self.generator: nn.Module | None = None
         self.updates = 0

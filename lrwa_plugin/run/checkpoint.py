@@ -40,7 +40,7 @@ _MAX_REASON_CHARS = 200
 
 
 def _label(path: StrPath, what: str) -> str:
-    return f"{what} checkpoint '{os.fspath(path)}'"
+    return f"{what} checkpoint '{os.fspath(path)}'" if what else f"checkpoint '{os.fspath(path)}'"
 
 
 def _looks_like_safetensors(path: StrPath) -> bool:
@@ -128,7 +128,7 @@ def _validate_tensors(state_dict: Mapping, label: str) -> dict[str, torch.Tensor
     return dict(state_dict)
 
 
-def load_state_dict_file(path: StrPath, what: str = 'checkpoint') -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: StrPath, what: str = '') -> dict[str, torch.Tensor]:
     """Reads the model weights stored in a local checkpoint file.
 
     Args:
@@ -185,7 +185,7 @@ def describe_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, 
     return f'missing keys {_listed(missing)}; unexpected keys {_listed(unexpected)}; shape mismatches {_listed(shapes)}'
 
 
-def load_weights_strictly(model: nn.Module, path: StrPath, what: str = 'checkpoint') -> None:
+def load_weights_strictly(model: nn.Module, path: StrPath, what: str = '') -> None:
     """Loads a checkpoint into ``model``, requiring identical keys and shapes.
 
     Keys and shapes are compared before any tensor is copied, so on error the model is left exactly as it was.

@@ -34,10 +34,10 @@ from torchdistill.core.distillation import get_distillation_box
 from torchdistill.core.training import get_training_box
 from torchdistill.datasets.util import build_data_loader
 from torchdistill.models.official import get_image_classification_model
-from torchdistill.models.registry import get_model
+from torchdistill.models.registry import MODEL_DICT, get_model
 
 from ..box import DataFreeDistillationBox
-from ..config.checks import narrow_path, without_prefix
+from ..config.checks import check_kwargs
 from ..config.data_free import DataFreeConfig, validate_config
 from ..errors import ConfigError
 from ..util import first_line
@@ -110,30 +110,26 @@ def load_model(model_config: dict, role: str, device: torch.device, distributed:
     if 'key' not in model_config:
         raise ConfigError(f'models.{role}', 'missing key `key` (the registered model name)')
     kwargs = model_config.get('kwargs') or {}
+    factory = MODEL_DICT.get(model_config['key'])
+    if factory is not None:  # a registered model: its arguments checked by name and type before it is built
+        check_kwargs(factory, kwargs, f'models.{role}.kwargs', model_config['key'])
     try:
         model = get_image_classification_model(model_config, distributed)
         if model is None:
             model = get_model(model_config['key'], model_config.get('repo_or_dir'), **kwargs)
+    except ConfigError as error:  # the model's own check: its path names the argument
+        raise error.under(f'models.{role}.kwargs') from error
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as error:
-        raise ConfigError(_model_error_path(role, kwargs, error), first_line(error, limit=None)) from error
+        raise ConfigError(f'models.{role}', first_line(error, limit=None)) from error
     src_ckpt = model_config.get('src_ckpt')
     if src_ckpt is not None:
         # torchdistill only logs a missing src_ckpt and trains on: here it is an error.
         what = f'models.{role}.src_ckpt'
         try:
-            load_weights_strictly(model, os.path.expanduser(src_ckpt), what=what)
+            load_weights_strictly(model, os.path.expanduser(src_ckpt), what='')
         except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(what, without_prefix(first_line(error, limit=None), what)) from error
+            raise ConfigError(what, first_line(error, limit=None)) from error
     return model.to(device)
-
-
-def _model_error_path(role: str, kwargs: dict, error: BaseException) -> str:
-    """The key an error building ``models.<role>`` is about: its checkpoint, the one kwarg it names, or the model."""
-    checkpoint_path = kwargs.get('checkpoint_path')
-    if checkpoint_path is not None and os.fspath(checkpoint_path) in str(error):
-        return f'models.{role}.kwargs.checkpoint_path'
-    path = narrow_path(f'models.{role}.kwargs', kwargs, error)
-    return path if path != f'models.{role}.kwargs' else f'models.{role}'
 
 
 def _has_weights(model_config: dict) -> bool:
