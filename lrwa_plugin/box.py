@@ -3,9 +3,9 @@
 torchdistill builds everything it already knows from the YAML — the frozen teacher, the student, their forward
 hooks, the student criterion, optimizer and scheduler, the post-forward and post-epoch processes, the validation
 loader — and this box adds what data-free distillation needs, from the parsed ``train.data_free``
-(:class:`lrwa_plugin.config.DataFreeConfig`): a generator (:class:`lrwa_plugin.generator.GeneratorStep`), a replay
-memory (:mod:`lrwa_plugin.replay`) and a strategy (:mod:`lrwa_plugin.strategies`). One iteration (Patel, Mopuri,
-Qiu, CVPR 2023):
+(:class:`lrwa_plugin.config.DataFreeConfig`): a generator (:class:`lrwa_plugin.generator.AdversarialGenerator`),
+a replay memory (:mod:`lrwa_plugin.replay`) and a strategy (:mod:`lrwa_plugin.strategies`). One iteration (Patel,
+Mopuri, Qiu, CVPR 2023):
 
 1. generator step(s): the generator minimises its criterion on ``x = G(z)`` through the frozen teacher and the
    student; the memory hears of each (``after_generator_step``);
@@ -53,14 +53,14 @@ from torchdistill.core.distillation import DistillationBox
 from torchdistill.core.util import extract_io_dict
 
 from .config.data_free import DataFreeConfig, parse_data_free
-from .generator import GeneratorStep
-from .models.generators import check_generator_fits_teacher
+from .generator import AdversarialGenerator
+from .models.sample_shape import check_generator_fits_teacher
 from .registry import get_replay, get_strategy
 from .replay import ReplayContext, ReplayMemory
 from .run.distributed import GradientAverager, World, broadcast_module_state
 from .run.guard import NonFiniteGuard, weighted_terms
-from .strategies import StepLosses
-from .util import cat_rows, load_optional_state, modes_kept, unwrap
+from .strategies import StepClosures
+from .util import buffers_restored, cat_rows, load_optional_state, modes_kept, unwrap
 
 logger = def_logger.getChild(__name__)
 
@@ -90,7 +90,7 @@ class DataFreeDistillationBox(DistillationBox):
         self.strategy = get_strategy(config.strategy.key, **config.strategy.kwargs)
         self.guard = NonFiniteGuard(self.world)
         teacher = unwrap(self.teacher_model)
-        self.generation = GeneratorStep(config.generator, teacher, self.device, self.world, self.guard)
+        self.generation = AdversarialGenerator(config.generator, teacher, self.device, self.world, self.guard)
         self.generator = self.generation.generator
         check_generator_fits_teacher(self.generator, teacher, 'train.data_free.generator')
         self.replay: ReplayMemory | None = None
@@ -136,16 +136,17 @@ class DataFreeDistillationBox(DistillationBox):
             self.replay.after_generator_step()
         return loss
 
-    def student_losses(self, x: Tensor, teacher_io: dict, x_m: Tensor | None, teacher_io_m: dict | None) -> StepLosses:
+    def student_closures(self, x: Tensor, teacher_io: dict, x_m: Tensor | None,
+                         teacher_io_m: dict | None) -> StepClosures:
         """The closures a strategy is given for the acquisition batch ``x`` and the replay batch ``x_m``."""
         lr = float(self.optimizer.param_groups[0]['lr'])
         if x_m is None:
-            return StepLosses(acquire=self._criterion(x, teacher_io), lr=lr)
+            return StepClosures(acquire=self._criterion(x, teacher_io), lr=lr)
 
         def joint(model: Callable[..., Any]) -> Tensor:
             return self._criterion(torch.cat([x, x_m]), cat_rows(teacher_io, teacher_io_m))(model)
 
-        return StepLosses(acquire=self._criterion(x, teacher_io), retain=self._criterion(x_m, teacher_io_m),
+        return StepClosures(acquire=self._criterion(x, teacher_io), retain=self._criterion(x_m, teacher_io_m),
                           joint=joint, lr=lr)
 
     def student_step(self) -> tuple[Tensor, dict[str, float]]:
@@ -156,7 +157,7 @@ class DataFreeDistillationBox(DistillationBox):
             replayed = self.replay.sample(device=self.device) if self.replay is not None else None
             x_m = None if replayed is None else replayed.x
             teacher_io_m = None if replayed is None else (replayed.teacher_io or self.teacher_io(x_m))
-        losses = self.strategy.backward(self.student_model, self.student_losses(x, teacher_io, x_m, teacher_io_m))
+        losses = self.strategy.backward(self.student_model, self.student_closures(x, teacher_io, x_m, teacher_io_m))
         self.student_averager()
 
         def acquisition_terms() -> dict[str, float]:
@@ -179,8 +180,8 @@ class DataFreeDistillationBox(DistillationBox):
             losses['gen'] = self.generator_step()
         for step in range(self.student_steps):
             self.guard.where = f'epoch {epoch}, iteration {iteration}, student step {step}'
-            x, student_losses = self.student_step()
-            losses.update(student_losses)
+            x, step_losses = self.student_step()
+            losses.update(step_losses)
             if self.replay is not None:
                 self.replay.observe(x, epoch, iteration)
         if self.replay is not None:
@@ -218,15 +219,13 @@ class DataFreeDistillationBox(DistillationBox):
         """
         devices = [self.device] if self.device.type == 'cuda' else []
         memory_stream = self.replay.rng.get_state() if self.replay is not None else None
-        buffers = [b for m in (self.replay.modules() if self.replay is not None else []) for b in m.buffers()]
-        saved = [b.clone() for b in buffers]
-        with torch.random.fork_rng(devices=devices), modes_kept(self.generator, eval_mode=True):
+        memory_modules = self.replay.modules() if self.replay is not None else []
+        with torch.random.fork_rng(devices=devices), modes_kept(self.generator, eval_mode=True), \
+                buffers_restored(memory_modules):
             batches = {'generated': self.sample(n)}
             replayed = self.replay.sample(n, device=self.device) if self.replay is not None else None
         if memory_stream is not None:
             self.replay.rng.set_state(memory_stream)
-        if buffers:
-            torch._foreach_copy_(buffers, saved)
         if replayed is not None:
             batches['replayed'] = replayed.x
         return batches

@@ -56,6 +56,7 @@ from torchvision import transforms as T
 from torchvision.datasets.utils import download_and_extract_archive
 
 from .config.checks import choice, count
+from .util import first_line
 
 #: Pixel mean and std of the train split after scaling to [0, 1] (measured once; the split is fixed).
 DIGITS_MEAN = 0.3054
@@ -198,11 +199,6 @@ def cifar_transform(augment: bool) -> T.Compose:
     return T.Compose([*steps, T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)])
 
 
-def _reason(error: BaseException) -> str:
-    text = next((line.strip() for line in str(error).splitlines() if line.strip()), '')
-    return f'{type(error).__name__}: {text}' if text else type(error).__name__
-
-
 def cifar(name: str = 'cifar100', root: str | os.PathLike = '~/datasets/cifar100', split: str = 'test',
           download: bool = False, transform: Callable | None = None, augment: bool | None = None) -> Dataset:
     """torchvision's CIFAR-10 or CIFAR-100 from ``root``, with a one-line error when it is not there.
@@ -242,8 +238,9 @@ def cifar(name: str = 'cifar100', root: str | os.PathLike = '~/datasets/cifar100
         try:
             return dataset_class(root, train=split == 'train', transform=transform, download=True)
         except (OSError, RuntimeError) as error:
-            raise FileNotFoundError(f"{label} not found under '{root}' and could not be downloaded "
-                                    f"({_reason(error)}): put the extracted '{folder}' folder there") from error
+            reason = first_line(error, limit=None, with_type=True)
+            raise FileNotFoundError(f"{label} not found under '{root}' and could not be downloaded ({reason}): put the "
+                                    f"extracted '{folder}' folder there") from error
     if os.path.isdir(os.path.join(root, folder)):
         raise FileNotFoundError(f"{label} under '{root}' is incomplete or corrupted (the files in '{folder}' do not "
                                 'match their checksums): delete that folder and pass download: True on a machine with '
@@ -350,9 +347,9 @@ def tiny_imagenet(root: str | os.PathLike = '~/datasets/tiny-imagenet-200', spli
         try:
             download_and_extract_archive(TINY_IMAGENET_URL, os.fspath(root))
         except (OSError, RuntimeError) as error:
-            raise FileNotFoundError(f"Tiny-ImageNet not found under '{root}' and could not be downloaded "
-                                    f"({_reason(error)}): put the extracted '{TINY_IMAGENET_FOLDER}' folder there"
-                                    ) from error
+            reason = first_line(error, limit=None, with_type=True)
+            raise FileNotFoundError(f"Tiny-ImageNet not found under '{root}' and could not be downloaded ({reason}): "
+                                    f"put the extracted '{TINY_IMAGENET_FOLDER}' folder there") from error
         folder, reorganize = _tiny_imagenet_folder(root), True
     if folder is None:
         raise FileNotFoundError(f"Tiny-ImageNet not found under '{root}': pass download: True on a machine with "

@@ -41,7 +41,7 @@ IOFunction = Callable[[Any, Tensor], dict]
 """Runs a model (callable) on a batch through torchdistill's forward process; returns its I/O dict."""
 
 
-class GeneratorStep:
+class AdversarialGenerator:
     """The generator, its optimizer, scheduler and criterion, and one update of them.
 
     Args:

@@ -14,13 +14,13 @@ lrwa       ∇[L_Acq(θ) + L_Ret(θ − α∇L_Acq(θ))]            any :class:`
 
 A strategy names the memories it accepts by type (:attr:`Strategy.accepts`), so a new memory that subclasses an
 accepted type needs no edit here. Until the memory holds samples, every strategy falls back to ∇L_Acq. At each
-student step the box hands the strategy a :class:`StepLosses`: closures that run a student callable on the current
+student step the box hands the strategy a :class:`StepClosures`: closures that run a student callable on the current
 batch (``acquire``), on the replay batch (``retain``) and on both concatenated (``joint``), each returning the
 pipeline's own torchdistill criterion, and the student's current learning rate. The strategy leaves the gradient in
 the student's ``.grad`` and returns the loss values; torchdistill's post-forward process then steps the optimizer.
 
 Settings: a strategy's constructor arguments come from ``train.strategy: {key, kwargs}`` (a plain
-``strategy: 'key'`` takes none), or, for the strategies that take the meta step (``settings = 'meta'``), from
+``strategy: 'key'`` takes none), or, for the strategies that take the meta step (``takes_meta_step = True``), from
 ``train.data_free.meta``.
 
 .. code-block:: yaml
@@ -36,26 +36,29 @@ Settings: a strategy's constructor arguments come from ``train.strategy: {key, k
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from torch import Tensor, nn
 
 from .config.checks import choice, finite
 from .errors import ConfigError
-from .meta import DEFAULT_FD_EPS, RetainWhileAcquire
+from .meta import (
+    DEFAULT_BACKEND,
+    DEFAULT_FD_EPS,
+    DEFAULT_INNER_BN,
+    DEFAULT_ORDER,
+    LossClosure,
+    RetainWhileAcquire,
+)
 from .registry import REPLAY_DICT, STRATEGY_DICT, register_strategy
 from .replay import GenerativeReplay, MemoryBank, MomentumGenerator, ReplayMemory
-
-LossClosure = Callable[[Callable[..., Any]], Tensor]
-"""Runs a student callable (the student at θ, or at other parameters) on a batch; returns the criterion."""
 
 COMBINES = ('sum', 'concat')
 
 
 @dataclass
-class StepLosses:
+class StepClosures:
     """What a strategy is given at one student step.
 
     Attributes:
@@ -77,16 +80,16 @@ class Strategy(ABC):
     Attributes:
         key: set by :func:`lrwa_plugin.registry.register_strategy`.
         accepts: the replay memory types it uses; ``()``: it uses none.
-        settings: where its constructor arguments are written: ``'strategy'`` (``train.strategy.kwargs``) or
-            ``'meta'`` (``train.data_free.meta``).
+        takes_meta_step: whether it takes the meta step: its constructor arguments are then the settings written
+            in ``train.data_free.meta`` (otherwise in ``train.strategy.kwargs``).
     """
 
     key: ClassVar[str]
     accepts: ClassVar[tuple[type[ReplayMemory], ...]] = (ReplayMemory,)
-    settings: ClassVar[str] = 'strategy'
+    takes_meta_step: ClassVar[bool] = False
 
     @abstractmethod
-    def backward(self, student: nn.Module, losses: StepLosses) -> dict[str, float]:
+    def backward(self, student: nn.Module, losses: StepClosures) -> dict[str, float]:
         """Accumulates the student gradient into ``.grad``; returns the loss values (``acq``, ``ret``, ...)."""
 
     @classmethod
@@ -130,7 +133,7 @@ class AcquireOnly(Strategy):
 
     accepts = ()
 
-    def backward(self, student: nn.Module, losses: StepLosses) -> dict[str, float]:
+    def backward(self, student: nn.Module, losses: StepClosures) -> dict[str, float]:
         l_acq = losses.acquire(student)
         l_acq.backward()
         return loss_values(acq=l_acq)
@@ -167,7 +170,7 @@ class JointReplay(Strategy):
             raise ConfigError('retain_weight', "is not used with combine 'concat' (new and replayed rows weigh by "
                                                'their counts)')
 
-    def backward(self, student: nn.Module, losses: StepLosses) -> dict[str, float]:
+    def backward(self, student: nn.Module, losses: StepClosures) -> dict[str, float]:
         if losses.retain is None:
             l_acq = losses.acquire(student)
             l_acq.backward()
@@ -243,10 +246,11 @@ class LearnToRetainWhileAcquiring(Strategy):
             meta: {alpha_per_lr: 1.0, backend: 'higher', order: 'second', inner_bn: 'update'}
     """
 
-    settings = 'meta'
+    takes_meta_step = True
 
-    def __init__(self, alpha: float | None = None, alpha_per_lr: float | None = None, backend: str = 'higher',
-                 order: str = 'second', inner_bn: str = 'update', fd_eps: float = DEFAULT_FD_EPS) -> None:
+    def __init__(self, alpha: float | None = None, alpha_per_lr: float | None = None,
+                 backend: str = DEFAULT_BACKEND, order: str = DEFAULT_ORDER, inner_bn: str = DEFAULT_INNER_BN,
+                 fd_eps: float = DEFAULT_FD_EPS) -> None:
         if (alpha is None) == (alpha_per_lr is None):
             raise ConfigError('alpha', "give exactly one of alpha (a constant inner step) and alpha_per_lr (α = "
                                        "alpha_per_lr × the student's learning rate)")
@@ -261,7 +265,7 @@ class LearnToRetainWhileAcquiring(Strategy):
             raise ValueError("meta: alpha_per_lr needs the student's learning rate at every step")
         return self.alpha_per_lr * lr
 
-    def backward(self, student: nn.Module, losses: StepLosses) -> dict[str, float]:
+    def backward(self, student: nn.Module, losses: StepClosures) -> dict[str, float]:
         alpha = self.alpha(losses.lr)
         l_acq, l_ret = self.meta(student, losses.acquire, losses.retain, alpha=alpha)
         return loss_values(acq=l_acq, ret=l_ret)

@@ -2,7 +2,8 @@
 
 * messages: :func:`first_line` (one line of an exception), :func:`listed` (a bounded list), :func:`show` (a short repr),
   :func:`did_you_mean`;
-* modules: :func:`unwrap` (DataParallel / DistributedDataParallel), :func:`modes_kept` (train/eval modes restored);
+* modules: :func:`unwrap` (DataParallel / DistributedDataParallel), :func:`modes_kept` (train/eval modes restored),
+  :func:`buffers_restored`;
 * trees of tensors (torchdistill I/O dicts): :func:`tree_map`, :func:`cat_rows`;
 * files: :func:`atomic_write` and :func:`atomic_write_text` (temporary file in the same folder, fsync, rename), so a
   result file is either the old one or the complete new one.
@@ -26,15 +27,24 @@ MAX_LISTED = 25
 
 
 # ----------------------------------------------------------------------------------------------------- messages
-def first_line(error: BaseException, limit: int | None = MAX_MESSAGE_CHARS) -> str:
-    """The first non-empty line of an exception's message, cut at ``limit`` characters (``None``: never).
+def first_text_line(text: str) -> str:
+    """The first non-empty line of ``text``, stripped (``''`` if none)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), '')
+
+
+def first_line(error: BaseException, limit: int | None = MAX_MESSAGE_CHARS, with_type: bool = False) -> str:
+    """The first non-empty line of an exception's message, cut at ``limit`` characters (``None``: never); with
+    ``with_type``, behind the exception's type (``OSError: ...``).
 
     A ``KeyError`` reads ``missing key 'x'``.
     """
     if isinstance(error, KeyError) and error.args:
         text = f'missing key {error.args[0]!r}'
     else:
-        text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        text = first_text_line(str(error))
+        if with_type:
+            text = f'{type(error).__name__}: {text}' if text else type(error).__name__
+        text = text or type(error).__name__
     return text if limit is None or len(text) <= limit else text[:limit - 3] + '...'
 
 
@@ -50,6 +60,11 @@ def listed(items: Sequence[Any], limit: int = MAX_LISTED, separator: str = ', ')
     if len(items) > limit:
         shown.append(f'+{len(items) - limit} more')
     return separator.join(shown)
+
+
+def shape_text(shape: Sequence[Any]) -> str:
+    """A tensor shape as messages write it: ``3x32x32``."""
+    return 'x'.join(str(v) for v in shape)
 
 
 def did_you_mean(word: Any, choices: Iterable[Any]) -> str:
@@ -78,6 +93,19 @@ def modes_kept(*modules: nn.Module, eval_mode: bool = False) -> Iterator[None]:
     finally:
         for module, mode in modes:
             module.train(mode)
+
+
+@contextlib.contextmanager
+def buffers_restored(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Leaves the modules' buffers (BatchNorm statistics, spectral-norm vectors) as they were before the block: for
+    forwards that only look (sample grids, a memory's samples)."""
+    buffers = [b for module in modules for b in module.buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        if buffers:
+            torch._foreach_copy_(buffers, saved)
 
 
 def load_optional_state(name: str, obj: Any, state: dict | None) -> None:

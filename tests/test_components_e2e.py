@@ -77,7 +77,7 @@ def test_box_refuses_a_generator_the_teacher_cannot_take(tmp_path):
         build_box(tmp_path, 'lrwa_mb', {'kwargs: {nz: 64, img_size: 8, nc: 1, ngf: 64}':
                                         'kwargs: {nz: 64, img_size: 8, nc: 3, ngf: 64}'})
     message = str(info.value)
-    assert message.startswith('train.data_free.generator: ') and '\n' not in message
+    assert message.startswith('train.data_free.generator.kwargs.nc: ') and '\n' not in message
     assert '3x8x8' in message and '1x?x?' in message
 
 

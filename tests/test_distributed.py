@@ -89,14 +89,14 @@ def _poisoned_rank_main(rank: int, world_size: int, port: int, config: str, work
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR='127.0.0.1',
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from lrwa_plugin.generator import GeneratorStep
+    from lrwa_plugin.generator import AdversarialGenerator
     from lrwa_plugin.run import cli
     if rank == 1:
-        real_sample = GeneratorStep.sample
+        real_sample = AdversarialGenerator.sample
 
         def poisoned(self, n):
             return real_sample(self, n) * float('nan')
-        GeneratorStep.sample = poisoned
+        AdversarialGenerator.sample = poisoned
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         status = cli.main(['--config', config, '--device', 'cpu', '--seed', '0', '-no_progress', '--world_size',

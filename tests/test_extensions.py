@@ -16,7 +16,7 @@ from lrwa_plugin.registry import REPLAY_DICT, STRATEGY_DICT, register_replay, re
 from lrwa_plugin.replay import MemoryBank, Replayed, ReplayMemory
 from lrwa_plugin.run import cli, runner
 from lrwa_plugin.run.resume import read_training_state
-from lrwa_plugin.strategies import StepLosses, Strategy, loss_values
+from lrwa_plugin.strategies import StepClosures, Strategy, loss_values
 
 ONE_ITERATION = {**SHORT_RUN, 'num_epochs: 2': 'num_epochs: 1', 'iterations_per_epoch: 3': 'iterations_per_epoch: 1'}
 REPLAY_BLOCK = ("    replay:\n      key: 'MemoryBank'\n"
@@ -72,7 +72,7 @@ class ToyJoint(Strategy):
             raise ConfigError('retain_weight', f'must be >= 0, got {retain_weight}')
         self.retain_weight = retain_weight
 
-    def backward(self, student: torch.nn.Module, losses: StepLosses) -> dict[str, float]:
+    def backward(self, student: torch.nn.Module, losses: StepClosures) -> dict[str, float]:
         CALLS.append(f'toy_joint {self.retain_weight} {losses.retain is not None}')
         l_acq = losses.acquire(student)
         l_ret = losses.retain(student) if losses.retain is not None else None

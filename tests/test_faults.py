@@ -13,7 +13,7 @@ import torch
 from conftest import DIGITS_CONFIGS, SHORT_RUN, run_cli, write_config
 
 from lrwa_plugin.box import DataFreeDistillationBox
-from lrwa_plugin.generator import GeneratorStep
+from lrwa_plugin.generator import AdversarialGenerator
 from lrwa_plugin.models.digits import DigitsStudentCNN
 from lrwa_plugin.run.checkpoint import atomic_save
 from lrwa_plugin.strategies import LearnToRetainWhileAcquiring
@@ -53,7 +53,7 @@ def test_nan_batch_stops_naming_the_step_and_keeps_the_last_checkpoint(epoch, nt
     if epoch == 0:
         atomic_save({'model': DigitsStudentCNN().state_dict()}, dst)
     state = _track_position(monkeypatch)
-    sample = GeneratorStep.sample
+    sample = AdversarialGenerator.sample
 
     def poisoned(self, n):
         x = sample(self, n)
@@ -64,7 +64,7 @@ def test_nan_batch_stops_naming_the_step_and_keeps_the_last_checkpoint(epoch, nt
                 return x * float('nan')  # keeps the autograd graph, as a real blow-up would
         return x
 
-    monkeypatch.setattr(GeneratorStep, 'sample', poisoned)
+    monkeypatch.setattr(AdversarialGenerator, 'sample', poisoned)
     assert run_cli(config) == 3
     err = capsys.readouterr().err
     assert err.startswith('error: non-finite loss at ') and err.count('\n') == 1, err

@@ -8,7 +8,7 @@ import torch
 from torchdistill.models.registry import get_model
 
 import lrwa_plugin  # noqa: F401  (registers the models)
-from lrwa_plugin.models.generators import check_generator_fits_teacher
+from lrwa_plugin.models.sample_shape import check_generator_fits_teacher
 
 
 @pytest.mark.parametrize('key', ['DigitsTeacherCNN', 'DigitsStudentCNN'])
@@ -87,7 +87,7 @@ def test_channel_mismatch_with_a_plain_teacher_names_both_shapes():
     with pytest.raises(ValueError) as info:
         check_generator_fits_teacher(generator, teacher, 'train.data_free.generator')
     message = str(info.value)
-    assert message.startswith('train.data_free.generator: ') and '\n' not in message
+    assert message.startswith('train.data_free.generator.kwargs.nc: ') and '\n' not in message
     assert '3x8x8' in message and '1x?x? (its first convolution)' in message
 
 

@@ -61,7 +61,7 @@ def test_the_parity_step_gives_the_released_steps_gradient_and_batchnorm_statist
     x_m = torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64) + 0.5
     with torch.no_grad():
         teacher_io, teacher_io_m = box.teacher_io(x), box.teacher_io(x_m)
-    losses = box.strategy.backward(student, box.student_losses(x, teacher_io, x_m, teacher_io_m))
+    losses = box.strategy.backward(student, box.student_closures(x, teacher_io, x_m, teacher_io_m))
     released_step(reference, teacher, x, x_m)
     assert set(losses) == {'joint'}
     for (name, p), q in zip(student.named_parameters(), reference.parameters()):

@@ -297,7 +297,8 @@ def test_generative_replay_needs_attach_and_refuses_a_decoder_the_teacher_cannot
     with pytest.raises(RuntimeError, match='attach'):
         memory.observe(torch.zeros(2, 1, 8, 8), 0, 0)
     wrong = GenerativeReplay(vae={'key': 'ReplayVAE', 'kwargs': {'nz': 8, 'img_size': 8, 'nc': 3}})
-    with pytest.raises(ValueError, match=r'train.data_free.replay.kwargs.vae: makes samples of shape 3x8x8'):
+    with pytest.raises(ValueError, match=r'train.data_free.replay.kwargs.vae.kwargs.nc: the generator makes samples '
+                                         r'of shape 3x8x8'):
         wrong.attach(ReplayContext(tiny_teacher(), torch.device('cpu')))
 
 

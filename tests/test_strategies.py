@@ -7,7 +7,7 @@ from torch import nn
 
 from lrwa_plugin.meta import retain_while_acquire
 from lrwa_plugin.registry import get_strategy
-from lrwa_plugin.strategies import StepLosses
+from lrwa_plugin.strategies import StepClosures
 
 
 def setup():
@@ -25,7 +25,7 @@ def grads(net):
 def assert_joint_gradient(key: str) -> None:
     """The strategy ``key`` fills the gradient of L_Acq + L_Ret at θ and reports both losses."""
     net, acquire, retain = setup()
-    losses = get_strategy(key).backward(net, StepLosses(acquire, retain))
+    losses = get_strategy(key).backward(net, StepClosures(acquire, retain))
     g_joint = grads(net)
     net.zero_grad()
     (acquire(net) + retain(net)).backward()
@@ -34,7 +34,7 @@ def assert_joint_gradient(key: str) -> None:
 
 def test_dfad_is_acquisition_only_and_mb_dfkd_is_the_joint_gradient():
     net, acquire, retain = setup()
-    get_strategy('dfad').backward(net, StepLosses(acquire, retain))
+    get_strategy('dfad').backward(net, StepClosures(acquire, retain))
     g_dfad = grads(net)
     net.zero_grad()
     acquire(net).backward()
@@ -45,14 +45,14 @@ def test_dfad_is_acquisition_only_and_mb_dfkd_is_the_joint_gradient():
 
 def test_lrwa_uses_the_meta_step_and_falls_back_to_acquisition_without_memory():
     net, acquire, retain = setup()
-    get_strategy('lrwa', alpha=0.7, backend='functional').backward(net, StepLosses(acquire, retain))
+    get_strategy('lrwa', alpha=0.7, backend='functional').backward(net, StepClosures(acquire, retain))
     g = grads(net)
     net.zero_grad()
     retain_while_acquire(net, acquire, retain, alpha=0.7, backend='functional')
     assert torch.equal(g, grads(net))
 
     net.zero_grad()
-    losses = get_strategy('lrwa', alpha=0.7).backward(net, StepLosses(acquire))
+    losses = get_strategy('lrwa', alpha=0.7).backward(net, StepClosures(acquire))
     g_fallback = grads(net)
     net.zero_grad()
     acquire(net).backward()
@@ -82,13 +82,13 @@ def test_pre_dfkd_is_the_joint_gradient_and_each_strategy_accepts_memories_by_ty
 
 def test_alpha_per_lr_is_the_constant_alpha_at_that_learning_rate():
     net, acquire, retain = setup()
-    get_strategy('lrwa', alpha_per_lr=2.5, backend='functional').backward(net, StepLosses(acquire, retain, lr=0.04))
+    get_strategy('lrwa', alpha_per_lr=2.5, backend='functional').backward(net, StepClosures(acquire, retain, lr=0.04))
     g = grads(net)
     net.zero_grad()
-    get_strategy('lrwa', alpha=0.1, backend='functional').backward(net, StepLosses(acquire, retain, lr=0.5))
+    get_strategy('lrwa', alpha=0.1, backend='functional').backward(net, StepClosures(acquire, retain, lr=0.5))
     assert torch.allclose(g, grads(net), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="learning rate"):
-        get_strategy('lrwa', alpha_per_lr=1.0).backward(net, StepLosses(acquire, retain))
+        get_strategy('lrwa', alpha_per_lr=1.0).backward(net, StepClosures(acquire, retain))
 
 
 def test_alpha_per_lr_follows_the_students_learning_rate_schedule(work, monkeypatch):

@@ -21,6 +21,7 @@ Every check raises :class:`~lrwa_plugin.errors.ConfigError`, e.g.::
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import numbers
@@ -29,6 +30,7 @@ import types
 import typing
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,9 +48,9 @@ from torchdistill.optim.registry import OPTIM_DICT, SCHEDULER_DICT
 from ..errors import ConfigError
 from ..util import did_you_mean, first_line, listed, show
 
-__all__ = ['ConfigError', 'mapping', 'check_keys', 'require', 'count', 'finite', 'choice', 'check_kwargs',
-           'dry_build', 'refused', 'rng_untouched', 'check_optimizer', 'check_scheduler',
-           'check_criterion']
+__all__ = ['ConfigError', 'Component', 'parse_component', 'check_component', 'mapping', 'check_keys', 'require',
+           'count', 'finite', 'choice', 'check_kwargs', 'dry_build', 'refused', 'rng_untouched', 'check_optimizer',
+           'check_scheduler', 'check_criterion']
 
 COMPONENT_KEYS: tuple[str, ...] = ('key', 'kwargs')
 SUB_TERM_KEYS: tuple[str, ...] = ('criterion', 'criterion_wrapper', 'weight')
@@ -209,24 +211,44 @@ def refused(path: str, name: str, error: BaseException) -> ConfigError:
     return ConfigError(path, f'{name} refused it: {first_line(error)}')
 
 
-def check_component(block: Any, path: str, registry: Mapping[str, Callable[..., Any]], what: str,
-                    known: str = 'expected one of') -> tuple[str, dict]:
-    """A ``{key, kwargs}`` block naming a registered component: returns its key and kwargs (checked by name and
-    type; not built)."""
+@dataclass(frozen=True)
+class Component:
+    """A ``{key, kwargs}`` block: what to build, and where the YAML says so (for messages)."""
+
+    key: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    path: str = ''
+    kwargs_path: str = ''
+
+
+def parse_component(block: Any, path: str, registry: Mapping[str, Callable[..., Any]], what: str,
+                    known: str = 'expected one of', extra_keys: Sequence[str] = ()) -> Component:
+    """The one reader of a ``{key, kwargs}`` block naming a registered component (``extra_keys``: what else the
+    block may hold, e.g. a generator's ``optimizer``): known keys, a registered key, kwargs a mapping (copied)."""
     block = mapping(block, path)
-    check_keys(block, COMPONENT_KEYS, path)
+    check_keys(block, (*COMPONENT_KEYS, *extra_keys), path)
     key = choice(require(block, 'key', path, f'the {what} key'), sorted(registry), f'{path}.key', what, known)
-    kwargs = block.get('kwargs')
-    kwargs = {} if kwargs is None else dict(mapping(kwargs, f'{path}.kwargs'))
-    check_kwargs(registry[key], kwargs, f'{path}.kwargs', key)
-    return key, kwargs
+    kwargs = mapping(block.get('kwargs') or {}, f'{path}.kwargs')
+    return Component(key, copy.deepcopy(dict(kwargs)), path, f'{path}.kwargs')
+
+
+def check_component(block: Any, path: str, registry: Mapping[str, Callable[..., Any]], what: str,
+                    known: str = 'expected one of') -> Component:
+    """:func:`parse_component`, its kwargs checked by name and type against the registered factory (not built)."""
+    component = parse_component(block, path, registry, what, known)
+    check_kwargs(registry[component.key], component.kwargs, component.kwargs_path, component.key)
+    return component
 
 
 # ------------------------------------------------------------------------------------- torchdistill components
+def _key_kwargs(component: Component) -> tuple[str, dict[str, Any]]:
+    return component.key, component.kwargs
+
+
 def check_optimizer(block: Any, path: str, parameters: Sequence[nn.Parameter] | None = None) -> torch.optim.Optimizer:
     """``{key, kwargs}`` of an optimizer; built on a dummy parameter so that its argument checks run."""
     block = mapping(block, path)
-    key, kwargs = check_component(block, path, OPTIM_DICT, 'optimizer')
+    key, kwargs = _key_kwargs(check_component(block, path, OPTIM_DICT, 'optimizer'))
     require(block, 'kwargs', path, 'a mapping; {} for none')
     params = list(parameters) if parameters is not None else [nn.Parameter(torch.zeros(1))]
     return dry_build(f'{path}.kwargs', key, lambda: OPTIM_DICT[key](params, **kwargs))
@@ -236,7 +258,7 @@ def check_scheduler(block: Any, path: str, optimizer: torch.optim.Optimizer, ste
     """``{key, kwargs}`` of a scheduler; stepped ``steps`` times on a dummy optimizer, as some schedulers read their
     arguments only when stepping."""
     block = mapping(block, path)
-    key, kwargs = check_component(block, path, SCHEDULER_DICT, 'scheduler')
+    key, kwargs = _key_kwargs(check_component(block, path, SCHEDULER_DICT, 'scheduler'))
     require(block, 'kwargs', path, 'a mapping; {} for none')
 
     def build() -> None:

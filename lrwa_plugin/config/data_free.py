@@ -25,15 +25,15 @@ from __future__ import annotations
 import copy
 import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from torchdistill.models.registry import MODEL_DICT
 
 from ..errors import ConfigError
 from ..registry import REPLAY_DICT, STRATEGY_DICT
-from ..util import did_you_mean, show
 from .checks import (
+    Component,
     check_criterion,
     check_keys,
     check_kwargs,
@@ -42,127 +42,127 @@ from .checks import (
     choice,
     count,
     dry_build,
-    finite,
     mapping,
+    parse_component,
     refused,
     require,
     rng_untouched,
 )
+from .train_block import check_data_free_train_block, check_dataset_id, check_loader, check_train_block
 
 #: The plugin's keys in torchdistill's ``train`` block.
 PLUGIN_TRAIN_KEYS: tuple[str, ...] = ('strategy', 'data_free')
-DATA_FREE_KEYS: tuple[str, ...] = ('iterations_per_epoch', 'batch_size', 'student_steps', 'generator', 'replay',
-                                   'meta')
-GENERATOR_KEYS: tuple[str, ...] = ('key', 'kwargs', 'steps', 'optimizer', 'scheduler', 'criterion')
-DEFAULT_COUNTS: dict[str, int] = {'iterations_per_epoch': 50, 'batch_size': 256, 'student_steps': 5}
+#: The key of ``train.data_free`` whose settings go to the strategy that takes the meta step (lrwa).
+META_KEY = 'meta'
 
 
-@dataclass(frozen=True)
-class Component:
-    """A ``{key, kwargs}`` block: what to build, and where the YAML says so (for messages)."""
-
-    key: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    path: str = ''
-    kwargs_path: str = ''
+def _yaml(*keys: str, **metadata: Any) -> dict[str, Any]:
+    """A field's metadata: the YAML keys it is read from (default: its own name)."""
+    return {'yaml': keys, **metadata}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GeneratorConfig:
     """``train.data_free.generator``: the model, its optimizer (and scheduler), its criterion, its steps."""
 
-    model: Component
-    optimizer: Component
-    scheduler: Component | None
-    criterion: dict[str, Any]
+    model: Component = field(metadata=_yaml('key', 'kwargs'))
     steps: int = 1
+    optimizer: Component
+    scheduler: Component | None = None
+    criterion: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataFreeConfig:
-    """``train.strategy`` and ``train.data_free``, parsed (see the module docstring)."""
+    """``train.strategy`` and ``train.data_free``, parsed (see the module docstring). The fields read from
+    ``train.data_free`` and their defaults are stated here, once: the allowed keys and the documentation follow."""
 
-    strategy: Component
-    num_epochs: int
-    iterations_per_epoch: int
-    batch_size: int
-    student_steps: int
+    strategy: Component = field(metadata=_yaml(block='train'))
+    num_epochs: int = field(metadata=_yaml(block='train'))
+    iterations_per_epoch: int = 50
+    batch_size: int = 256
+    student_steps: int = 5
     generator: GeneratorConfig
-    replay: Component | None
+    replay: Component | None = None
 
     @property
     def strategy_class(self) -> type:
         return STRATEGY_DICT[self.strategy.key]
 
 
-def _component(block: Mapping, path: str, key: str, kwargs_key: str = 'kwargs') -> Component:
-    kwargs = block.get(kwargs_key)
-    return Component(key, copy.deepcopy(dict(kwargs or {})), path, f'{path}.{kwargs_key}')
+def yaml_keys(cls: type, block: str | None = None) -> tuple[str, ...]:
+    """The YAML keys a dataclass is read from (with ``block``: only its fields of that block)."""
+    return tuple(key for f in fields(cls) if f.metadata.get('block') == block
+                 for key in f.metadata.get('yaml', (f.name,)))
 
 
-def _strategy_key(train: Mapping) -> tuple[str, dict[str, Any]]:
-    """``train.strategy``: ``'key'`` or ``{key, kwargs}``; returns the key and the kwargs written there."""
+#: ``train.data_free``'s keys: the dataclass's own and the meta step's settings.
+DATA_FREE_KEYS: tuple[str, ...] = (*yaml_keys(DataFreeConfig), META_KEY)
+#: ``train.data_free``'s counts and their defaults.
+DEFAULT_COUNTS: dict[str, int] = {f.name: f.default for f in fields(DataFreeConfig) if f.type == 'int'
+                                  and f.default is not MISSING}
+
+
+def _strategy(train: Mapping) -> Component:
+    """``train.strategy``: ``'key'`` or ``{key, kwargs}``."""
     value = train['strategy']
-    known = sorted(STRATEGY_DICT)
     if isinstance(value, Mapping):
-        check_keys(value, ('key', 'kwargs'), 'train.strategy')
-        key = choice(value.get('key'), known, 'train.strategy.key', 'strategy')
-        return key, dict(mapping(value.get('kwargs') or {}, 'train.strategy.kwargs'))
-    return choice(value, known, 'train.strategy', 'strategy'), {}
+        return parse_component(value, 'train.strategy', STRATEGY_DICT, 'strategy')
+    return Component(choice(value, sorted(STRATEGY_DICT), 'train.strategy', 'strategy'), {}, 'train.strategy',
+                     'train.strategy.kwargs')
 
 
-def _strategy(key: str, kwargs: dict[str, Any], data_free: Mapping) -> Component:
-    """The strategy with its settings, from ``train.strategy.kwargs`` or, if it takes the meta step, from ``meta``."""
-    meta = data_free.get('meta')
-    if STRATEGY_DICT[key].settings == 'meta':
-        if kwargs:
-            raise ConfigError('train.strategy.kwargs', f"strategy '{key}' takes its settings from "
-                                                       'train.data_free.meta')
+def _with_settings(strategy: Component, data_free: Mapping) -> Component:
+    """The strategy with its settings: from ``train.strategy.kwargs`` or, if it takes the meta step, from
+    ``train.data_free.meta``."""
+    key, meta, meta_path = strategy.key, data_free.get(META_KEY), f'train.data_free.{META_KEY}'
+    if STRATEGY_DICT[key].takes_meta_step:
+        if strategy.kwargs:
+            raise ConfigError('train.strategy.kwargs', f"strategy '{key}' takes its settings from {meta_path}")
         if meta is None:
-            raise ConfigError('train.data_free.meta', f"missing: strategy '{key}' takes the meta step's settings "
-                                                      'here (alpha or alpha_per_lr, backend, order, inner_bn, '
-                                                      'fd_eps)')
-        return Component(key, copy.deepcopy(dict(mapping(meta, 'train.data_free.meta'))), 'train.strategy',
-                         'train.data_free.meta')
+            raise ConfigError(meta_path, f"missing: strategy '{key}' takes the meta step's settings here (alpha "
+                                         'or alpha_per_lr, backend, order, inner_bn, fd_eps)')
+        return Component(key, copy.deepcopy(dict(mapping(meta, meta_path))), 'train.strategy', meta_path)
     if meta is not None:
-        takers = sorted(k for k, strategy in STRATEGY_DICT.items() if strategy.settings == 'meta')
-        raise ConfigError('train.data_free.meta', f"only strategies that take the meta step read it "
-                                                  f"({', '.join(takers)}), not '{key}'; remove it")
-    return Component(key, copy.deepcopy(kwargs), 'train.strategy', 'train.strategy.kwargs')
+        takers = sorted(k for k, cls in STRATEGY_DICT.items() if cls.takes_meta_step)
+        raise ConfigError(meta_path, f"only strategies that take the meta step read it ({', '.join(takers)}), "
+                                     f"not '{key}'; remove it")
+    return strategy
 
 
 def _parse_generator(block: Any, path: str) -> GeneratorConfig:
     if block is None:
         raise ConfigError(path, 'missing (key, kwargs, optimizer and criterion of the generator)')
-    block = mapping(block, path)
-    check_keys(block, GENERATOR_KEYS, path)
-    key = choice(require(block, 'key', path, "the generator's model key"), sorted(MODEL_DICT), f'{path}.key',
-                 'generator', known="expected a model of torchdistill's registry (register_model)")
-    mapping(block.get('kwargs') or {}, f'{path}.kwargs')
+    extra = tuple(key for key in yaml_keys(GeneratorConfig) if key not in ('key', 'kwargs'))
+    model = parse_component(block, path, MODEL_DICT, 'generator', extra_keys=extra,
+                            known="expected a model of torchdistill's registry (register_model)")
     optimizer = mapping(require(block, 'optimizer', path, 'e.g. {key: Adam, kwargs: {lr: 0.001}}'),
                         f'{path}.optimizer')
     scheduler = block.get('scheduler')
     criterion = mapping(require(block, 'criterion', path, 'e.g. a WeightedSumLoss of generator losses'),
                         f'{path}.criterion')
     return GeneratorConfig(
-        model=_component(block, path, key),
-        optimizer=_component(optimizer, f'{path}.optimizer', str(optimizer.get('key'))),
-        scheduler=_component(mapping(scheduler, f'{path}.scheduler'), f'{path}.scheduler',
-                             str(scheduler.get('key'))) if scheduler else None,
+        model=model,
+        optimizer=_unchecked_component(optimizer, f'{path}.optimizer'),
+        scheduler=_unchecked_component(mapping(scheduler, f'{path}.scheduler'), f'{path}.scheduler')
+        if scheduler else None,
         criterion=copy.deepcopy(dict(criterion)),
         steps=count(block.get('steps', 1), f'{path}.steps'))
+
+
+def _unchecked_component(block: Mapping, path: str) -> Component:
+    """A torchdistill optimizer or scheduler block, kept as written: :func:`check_data_free` checks it with a dry
+    build."""
+    return Component(str(block.get('key')), copy.deepcopy(dict(block.get('kwargs') or {})), path, f'{path}.kwargs')
 
 
 def _parse_replay(block: Any, strategy: type, path: str = 'train.data_free.replay') -> Component | None:
     if not block:
         strategy.check_replay(None, path)
         return None
-    block = mapping(block, path)
-    check_keys(block, ('key', 'kwargs'), path)
-    key = choice(block.get('key'), sorted(REPLAY_DICT), f'{path}.key', 'replay memory')
-    strategy.check_replay(key, path)
-    mapping(block.get('kwargs') or {}, f'{path}.kwargs')
-    return _component(block, path, key)
+    replay = parse_component(block, path, REPLAY_DICT, 'replay memory')
+    strategy.check_replay(replay.key, path)
+    return replay
 
 
 def parse_data_free(train: Any) -> DataFreeConfig | None:
@@ -189,33 +189,20 @@ def parse_data_free(train: Any) -> DataFreeConfig | None:
                                                  f'{", ".join(sorted(STRATEGY_DICT))}); without it the run is plain '
                                                  'torchdistill and would ignore this block')
         return None
-    key, kwargs = _strategy_key(train)
+    strategy = _strategy(train)
     num_epochs = count(train.get('num_epochs'), 'train.num_epochs')
     if train.get('data_free') is None:
-        raise ConfigError('train.data_free', f"missing: strategy '{key}' needs the generator, replay and meta "
-                                             'settings there')
+        raise ConfigError('train.data_free', f"missing: strategy '{strategy.key}' needs the generator, replay and "
+                                             'meta settings there')
     data_free = mapping(train['data_free'], 'train.data_free')
     check_keys(data_free, DATA_FREE_KEYS, 'train.data_free')
     counts = {name: count(data_free.get(name, default), f'train.data_free.{name}')
               for name, default in DEFAULT_COUNTS.items()}
     generator = _parse_generator(data_free.get('generator'), 'train.data_free.generator')
-    replay = _parse_replay(data_free.get('replay'), STRATEGY_DICT[key])
-    strategy = _strategy(key, kwargs, data_free)
-    _check_data_free_train_block(train)
+    replay = _parse_replay(data_free.get('replay'), STRATEGY_DICT[strategy.key])
+    strategy = _with_settings(strategy, data_free)
+    check_data_free_train_block(train)
     return DataFreeConfig(strategy=strategy, num_epochs=num_epochs, generator=generator, replay=replay, **counts)
-
-
-def _check_data_free_train_block(train: Mapping) -> None:
-    """What of torchdistill's ``train`` block a data-free run reads differently: a frozen teacher, one step per
-    generated batch, no training data."""
-    teacher = train.get('teacher') or {}
-    if isinstance(teacher, Mapping) and teacher.get('requires_grad', False):
-        raise ConfigError('train.teacher.requires_grad', 'must be False: the teacher is frozen in data-free '
-                                                         'distillation')
-    optimizer = train.get('optimizer') or {}
-    if isinstance(optimizer, Mapping) and optimizer.get('grad_accum_step', 1) != 1:
-        raise ConfigError('train.optimizer.grad_accum_step', 'must be 1 for data-free distillation: every student '
-                                                             'step sees a fresh generated batch')
 
 
 # ------------------------------------------------------------------------------------------- component checks
@@ -248,82 +235,6 @@ def check_data_free(config: DataFreeConfig) -> None:
     _check_built(config.strategy, config.strategy_class, config)
 
 
-def _check_dataset_id(config: Mapping, section: str, loader: str, datasets: Mapping, why: str) -> None:
-    block = config.get(section)
-    if not isinstance(block, Mapping) or not isinstance(block.get(loader), Mapping):
-        raise ConfigError(f'{section}.{loader}', f'missing: {why} ({{dataset_id: ..., kwargs: {{batch_size: ...}}}})')
-    dataset_id = block[loader].get('dataset_id')
-    if not isinstance(dataset_id, str) or dataset_id not in datasets:
-        known = ', '.join(map(str, datasets)) or 'none'
-        raise ConfigError(f'{section}.{loader}.dataset_id',
-                          f'{show(dataset_id)} is not a key of datasets{did_you_mean(dataset_id, datasets)}; '
-                          f'known: {known}; needed: {why}')
-
-
-#: torchdistill's process hooks of the ``train`` block, with the names of their registries.
-PROCESS_REGISTRIES = {'pre_epoch_process': 'PRE_EPOCH_PROC_FUNC_DICT',
-                      'pre_forward_process': 'PRE_FORWARD_PROC_FUNC_DICT',
-                      'post_forward_process': 'POST_FORWARD_PROC_FUNC_DICT',
-                      'post_epoch_process': 'POST_EPOCH_PROC_FUNC_DICT'}
-#: Keys of torchdistill's ``train.optimizer`` block (besides key and kwargs).
-OPTIMIZER_EXTRA_KEYS = ('module_wise_configs', 'filters_params', 'max_grad_norm', 'grad_accum_step')
-#: Step-wise scheduling is tried for at most this many steps (a dummy optimizer: the checks cost nothing).
-MAX_CHECKED_SCHEDULER_STEPS = 20_000
-
-
-def _check_loader(block: Any, path: str) -> None:
-    block = mapping(block, path)
-    kwargs = mapping(block.get('kwargs') or {}, f'{path}.kwargs')
-    if 'batch_size' in kwargs:
-        count(kwargs['batch_size'], f'{path}.kwargs.batch_size')
-    if 'num_workers' in kwargs:
-        count(kwargs['num_workers'], f'{path}.kwargs.num_workers', minimum=0)
-
-
-def _scheduler_steps(train: Mapping, data_free: DataFreeConfig | None) -> int:
-    """How often the student's scheduler steps over the run (epoch-wise: once an epoch)."""
-    epochs = train.get('num_epochs') if isinstance(train.get('num_epochs'), int) else 1
-    every = (train.get('scheduler') or {}).get('scheduling_step', 0)
-    if not every or data_free is None:
-        return max(1, epochs)
-    optimizer_steps = epochs * data_free.iterations_per_epoch * data_free.student_steps
-    return max(1, min(optimizer_steps // every, MAX_CHECKED_SCHEDULER_STEPS))
-
-
-def check_train_block(train: Mapping, data_free: DataFreeConfig | None) -> None:
-    """torchdistill's own keys of ``train``, which torchdistill only reads when it builds the box (or later): its
-    process hooks, the student optimizer, scheduler (stepped as the run will step it) and criterion, the loaders."""
-    from torchdistill.core.interfaces import registry as processes
-
-    for key, registry in PROCESS_REGISTRIES.items():
-        if train.get(key) is not None:
-            choice(train[key], sorted(getattr(processes, registry)), f'train.{key}', key.replace('_', ' '))
-    optimizer = None
-    if train.get('optimizer'):
-        block = mapping(train['optimizer'], 'train.optimizer')
-        check_keys(block, ('key', 'kwargs', *OPTIMIZER_EXTRA_KEYS), 'train.optimizer')
-        if block.get('max_grad_norm') is not None:
-            finite(block['max_grad_norm'], 'train.optimizer.max_grad_norm', positive=True)
-        if 'grad_accum_step' in block:
-            count(block['grad_accum_step'], 'train.optimizer.grad_accum_step')
-        optimizer = check_optimizer({'key': block.get('key'), 'kwargs': block.get('kwargs')}, 'train.optimizer')
-    if train.get('scheduler'):
-        block = mapping(train['scheduler'], 'train.scheduler')
-        check_keys(block, ('key', 'kwargs', 'scheduling_step'), 'train.scheduler')
-        if 'scheduling_step' in block:
-            count(block['scheduling_step'], 'train.scheduler.scheduling_step', minimum=0)
-        if optimizer is None:
-            raise ConfigError('train.scheduler', 'set, but train.optimizer is missing')
-        check_scheduler({'key': block.get('key'), 'kwargs': block.get('kwargs')}, 'train.scheduler', optimizer,
-                        steps=_scheduler_steps(train, data_free))
-    if data_free is not None:
-        check_criterion(require(train, 'criterion', 'train', "the student's criterion (L_Acq and L_Ret)"),
-                        'train.criterion', "the student's loss terms")
-    for loader in ('train_data_loader', 'val_data_loader'):
-        if train.get(loader) is not None:
-            _check_loader(train[loader], f'train.{loader}')
-
-
 def validate_config(config: Mapping, training: bool = True) -> DataFreeConfig | None:
     """Checks, before any model is built, what the runner needs: the datasets to evaluate on and the plugin's blocks.
 
@@ -338,17 +249,17 @@ def validate_config(config: Mapping, training: bool = True) -> DataFreeConfig | 
         ConfigError: the first problem found, as ``<key path>: <value found and what is allowed>``.
     """
     datasets = mapping(config.get('datasets', {}), 'datasets')
-    _check_dataset_id(config, 'test', 'test_data_loader', datasets, 'the real dataset the final model is tested on')
-    _check_loader(config['test']['test_data_loader'], 'test.test_data_loader')
+    check_dataset_id(config, 'test', 'test_data_loader', datasets, 'the real dataset the final model is tested on')
+    check_loader(config['test']['test_data_loader'], 'test.test_data_loader')
     if not training:
         return None
-    _check_dataset_id(config, 'train', 'val_data_loader', datasets,
+    check_dataset_id(config, 'train', 'val_data_loader', datasets,
                       'the real dataset evaluated after every epoch to keep the best student')
     data_free = parse_data_free(config.get('train'))
     train = config['train']
     if data_free is None:
         if 'stage1' not in train:  # multi-stage configs name their loaders per stage
-            _check_dataset_id(config, 'train', 'train_data_loader', datasets,
+            check_dataset_id(config, 'train', 'train_data_loader', datasets,
                               'a run without train.strategy is plain torchdistill and trains on this real dataset')
             with rng_untouched():
                 check_train_block(train, None)

@@ -1,5 +1,4 @@
-"""Generators that synthesise pseudo-samples ``x = G(z)`` for data-free distillation, and the check that their samples
-fit the teacher.
+"""Generators that synthesise pseudo-samples ``x = G(z)`` for data-free distillation.
 
 * ``DAFLGenerator`` follows the generator of DAFL (Chen et al., "Data-Free Learning of Student Networks", ICCV 2019),
   which DFAD, MB-DFKD, PRE-DFKD and the LRWA paper (Patel, Mopuri, Qiu, CVPR 2023) all reuse: a linear projection of
@@ -10,9 +9,8 @@ fit the teacher.
 * ``DCGANGenerator`` is the generator of DCGAN (Radford, Metz, Chintala, ICLR 2016): transposed convolutions that
   double the resolution from ``4 x 4``, BatchNorm and ReLU, and a ``tanh`` output in ``[-1, 1]``.
 
-Both draw ``z ~ N(0, I)`` with ``sample_latent`` and tell their sample shape with ``output_shape``.
-:func:`check_generator_fits_teacher` (called by the data-free box when it is built) refuses a generator whose samples
-the teacher cannot take, in one line naming both shapes.
+Both draw ``z ~ N(0, I)`` with ``sample_latent`` and tell their sample shape with ``output_shape``; whether their
+samples fit the teacher and the evaluation data is checked by :mod:`lrwa_plugin.models.sample_shape`.
 
 .. code-block:: yaml
 
@@ -34,9 +32,8 @@ from torchdistill.models.registry import register_model
 
 from ..config.checks import count
 from ..errors import ConfigError
-from .timm_model import input_shape_of
 
-__all__ = ['DAFLGenerator', 'DCGANGenerator', 'check_generator_fits_teacher']
+__all__ = ['DAFLGenerator', 'DCGANGenerator']
 
 
 def _with_spectral_norm(module: nn.Module) -> None:
@@ -160,70 +157,3 @@ class DCGANGenerator(_LatentGenerator):
         return self.main(z.view(z.shape[0], self.nz, 1, 1))
 
 
-def _shape(shape: tuple[int | str, ...]) -> str:
-    return 'x'.join(str(v) for v in shape)
-
-
-def _expected_shape(teacher: nn.Module) -> tuple[tuple[int | str, ...] | None, bool, str]:
-    """The teacher's input shape as far as it is known, whether its height and width are fixed, and the source."""
-    shape = input_shape_of(teacher)
-    if shape is not None:
-        cfg = getattr(teacher, 'pretrained_cfg', {})
-        return shape, bool(cfg.get('fixed_input_size', False)), 'its timm config'
-    first_conv = next((m for m in teacher.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None:
-        return (first_conv.in_channels, '?', '?'), False, 'its first convolution'
-    return None, False, ''
-
-
-def check_generator_fits_teacher(generator: nn.Module, teacher: nn.Module, where: str = 'generator') -> tuple[int, ...]:
-    """Checks that the generator's samples have the input shape the teacher expects; returns the sample shape.
-
-    Runs ``G`` on two latents in eval mode and compares the sample shape ``C x H x W`` with the teacher's:
-
-    * from timm's config (:func:`lrwa_plugin.models.timm_model.input_shape_of`) when the teacher has one. The channels
-      must agree; height and width only when the config says ``fixed_input_size`` (ViTs): otherwise the config's
-      size is merely the pretraining resolution and a CNN with global pooling takes others (a CIFAR-size resnet);
-    * in every case but a fixed timm size, the teacher is also tried on the two samples (eval mode, no gradient),
-      which catches what it cannot process at all (the first convolution names the channels it wants).
-
-    Both models are put back in their modes and the global random generator is left untouched, so a run draws the
-    same numbers with or without the check.
-
-    Args:
-        generator: has ``sample_latent(n, device=...)`` and ``forward(z)``.
-        teacher: the (unwrapped) teacher.
-        where: how the message names the generator, e.g. its config key ``train.data_free.generator``.
-
-    Returns:
-        The shape ``(C, H, W)`` of one generated sample.
-
-    Raises:
-        ConfigError: one line (at ``where``) naming the generated shape and the teacher's expected one.
-    """
-    modes = [(module, module.training) for module in (generator, teacher)]
-    device = next((p.device for p in generator.parameters()), torch.device('cpu'))
-    expected, fixed, source = _expected_shape(teacher)
-    expected_text = f'{_shape(expected)} ({source})' if expected is not None else 'an unknown shape'
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            generator.eval()
-            x = generator(generator.sample_latent(2, device='cpu').to(device))
-            sample_shape = tuple(x.shape[1:])
-            mismatch = f'makes samples of shape {_shape(sample_shape)} but the teacher expects {expected_text}'
-            if expected is not None and (len(sample_shape) != len(expected) or sample_shape[0] != expected[0]
-                                         or fixed and sample_shape[1:] != tuple(expected[1:])):
-                raise ConfigError(where, f'{mismatch}; set the generator kwargs (nc, img_size) to match')
-            if fixed:
-                return sample_shape
-            teacher.eval()
-            try:
-                teacher(x)
-            except (RuntimeError, ValueError) as error:
-                reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-                raise ConfigError(where, f'{mismatch}, and the teacher fails on them ({reason}); set the generator '
-                                         'kwargs (nc, img_size) to match') from error
-    finally:
-        for module, mode in modes:
-            module.train(mode)
-    return sample_shape

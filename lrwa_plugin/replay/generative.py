@@ -15,12 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torchdistill.common.constant import SELF_MODULE_PATH
 from torchdistill.models.registry import get_model
 from torchdistill.optim.registry import get_optimizer
 
 from ..config.checks import choice, count, finite
 from ..errors import ConfigError
-from ..models.generators import check_generator_fits_teacher
+from ..losses import InformationEntropyLoss, OneHotLoss
+from ..models.sample_shape import check_generator_fits_teacher
 from ..registry import register_replay
 from ..util import did_you_mean, modes_kept
 from .base import ReplayContext, Replayed, ReplayMemory
@@ -29,6 +31,8 @@ DECODE_BN = ('batch', 'running')
 
 #: Default VAE optimizer of GenerativeReplay (the PRE-DFKD code: Adam, its generator learning rate / 40).
 DEFAULT_VAE_OPTIMIZER = {'key': 'Adam', 'kwargs': {'lr': 5e-4}}
+#: The generator losses the latents' refinement reuses (PRE-DFKD's objective: DAFL's one-hot and entropy terms).
+_ONE_HOT, _ENTROPY = OneHotLoss(), InformationEntropyLoss()
 REFINE_KEYS = ('steps', 'lr', 'onehot', 'ie')
 
 
@@ -193,11 +197,9 @@ class GenerativeReplay(ReplayMemory):
         """PRE-DFKD's objective of the latents (``refine``): confident, class-balanced teacher outputs and
         ``z``'s batch moments near those of ``N(0, I)``."""
         config = self.refine or {'onehot': 1.0, 'ie': 5.0}
-        logits = self._teacher()(self.vae.decode(z))
-        mean_prob = logits.softmax(dim=1).mean(dim=0)
+        teacher_io = {SELF_MODULE_PATH: {'output': self._teacher()(self.vae.decode(z))}}
         moments = F.mse_loss(z.var(dim=0), torch.ones_like(z[0])) + z.mean(dim=0).pow(2).mean()
-        return config['onehot'] * F.cross_entropy(logits, logits.argmax(dim=1)) \
-            + config['ie'] * (mean_prob * torch.log(mean_prob.clamp_min(1e-12))).sum() + moments
+        return config['onehot'] * _ONE_HOT({}, teacher_io) + config['ie'] * _ENTROPY({}, teacher_io) + moments
 
     def _refined(self, z: Tensor) -> Tensor:
         """``refine.steps`` Adam steps of the latents on :meth:`refine_objective`."""

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config.checks import count, finite
 from ..registry import register_replay
+from ..util import buffers_restored
 from .base import ReplayContext, Replayed, ReplayMemory
 
 
@@ -98,11 +99,8 @@ class MomentumGenerator(ReplayMemory):
         # Train mode (batch statistics, like G's own samples); the forward's updates of the buffers (running
         # statistics, spectral-norm power iterations) are undone, so sampling moves nothing and every rank's G̃ stays
         # the same however often each samples.
-        buffers = list(ema.buffers())
-        saved = [b.clone() for b in buffers]
-        x = ema(z.to(parameter.device, parameter.dtype))
-        if buffers:
-            torch._foreach_copy_(buffers, saved)
+        with buffers_restored([ema]):
+            x = ema(z.to(parameter.device, parameter.dtype))
         return Replayed(x.to(device))
 
     def modules(self) -> list[nn.Module]:

@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from ..util import atomic_write, listed
+from ..util import atomic_write, first_text_line, listed
 
 StrPath = str | os.PathLike
 
@@ -77,8 +77,7 @@ def describe_read_error(exc: BaseException, path: StrPath) -> str:
             return (f'it pickles Python objects that weights_only=True refuses ({", ".join(refused)}); '
                     're-save only the state_dict')
         text = text.split('WeightsUnpickler error:', 1)[1]
-    first_line = next((line.strip() for line in text.splitlines() if line.strip()), '')
-    first_sentence = first_line.split('. ')[0]
+    first_sentence = first_text_line(text).split('. ')[0]
     reason = f'{type(exc).__name__}: {first_sentence}' if first_sentence else type(exc).__name__
     return reason if len(reason) <= _MAX_REASON_CHARS else reason[:_MAX_REASON_CHARS - 3] + '...'
 

@@ -101,7 +101,8 @@ def run_demo(args: argparse.Namespace, world: World | None = None,
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """The flags that need no config: the device, the number of processes, the log file."""
+    """The flags that need no config: the device, the number of processes, the log file, the seed's range and the
+    resume/save flags (:func:`lrwa_plugin.run.runner.set_up` checks those that need the config)."""
     try:
         device = torch.device(args.device)
     except RuntimeError as error:
@@ -113,6 +114,13 @@ def check_flags(args: argparse.Namespace) -> None:
         raise ConfigError('--device', f"{args.device!r}: the runner supports 'cpu' and 'cuda' devices")
     if args.world_size < 1:
         raise ConfigError('--world_size', f'expected a number of processes >= 1, got {args.world_size}')
+    if args.save_every < 0:
+        raise ConfigError('--save_every', f'expected a number of iterations >= 0 (0: only at epoch ends), got '
+                                          f'{args.save_every}')
+    if args.resume is not None and args.start_epoch:
+        raise ConfigError('--start_epoch', 'not with --resume (the training state says where the run continues)')
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+        raise ConfigError('--seed', f'expected an integer from 0 to 2**32 - 1 (NumPy seeds no other), got {args.seed}')
     if args.run_log is not None:
         check_writable(files=[(args.run_log, '--run_log')])
 

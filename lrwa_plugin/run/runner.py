@@ -170,7 +170,8 @@ def build_trainer(teacher: nn.Module | None, student: nn.Module, config: dict, d
 
 
 def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: World | None = None) -> Run:
-    """Builds the run of ``config_path`` with the runner's flags ``args`` (see :mod:`lrwa_plugin.run.cli`).
+    """Builds the run of ``config_path`` with the runner's flags ``args`` (see :mod:`lrwa_plugin.run.cli`, which
+    checks the flags that need no config).
 
     Raises:
         ConfigError: anything in the config, its files or the flags that cannot work; nothing is written.
@@ -178,47 +179,13 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
     world = world or World()
     torch.backends.cudnn.benchmark = not args.disable_cudnn_benchmark
     device = device_for(torch.device(args.device), world)
-    if args.save_every < 0:
-        raise ConfigError('--save_every', f'expected a number of iterations >= 0 (0: only at epoch ends), got '
-                                          f'{args.save_every}')
-    if args.resume is not None and args.start_epoch:
-        raise ConfigError('--start_epoch', 'not with --resume (the training state says where the run continues)')
-    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
-        raise ConfigError('--seed', f'expected an integer from 0 to 2**32 - 1 (NumPy seeds no other), got {args.seed}')
     state = read_training_state(args.resume) if args.resume is not None else None
     seed = state['seed'] if state is not None and args.seed is None else args.seed
     set_seed(seed)
-    config = load_config(config_path)
-    try:
-        import_dependencies(config.get('dependencies'))
-    except (ImportError, AttributeError, TypeError, KeyError) as error:
-        raise ConfigError('dependencies', first_line(error)) from error
-    data_free = validate_config(config, training=not args.test_only)
-    num_epochs = config.get('train', {}).get('num_epochs')
-    if not args.test_only and isinstance(num_epochs, int) and not 0 <= args.start_epoch < num_epochs:
-        raise ConfigError('--start_epoch', f'expected an epoch from 0 to train.num_epochs - 1 = {num_epochs - 1}, got '
-                                           f'{args.start_epoch}')
-    models_config = config.get('models', {})
-    student_key = 'student_model' if 'student_model' in models_config else 'model'
-    if student_key not in models_config:
-        raise ConfigError('models', 'expected `student_model` (distillation) or `model` (training)')
-    teacher_config = models_config.get('teacher_model')
-    if data_free is not None and (teacher_config is None or not _has_weights(teacher_config)):
-        raise ConfigError('models.teacher_model', 'a data-free run needs a trained teacher: give src_ckpt '
-                                                  '(or kwargs.checkpoint_path for timm_model)')
-    teacher = None if teacher_config is None else load_model(teacher_config, 'teacher_model', device,
-                                                             world.distributed)
-    student_config = models_config[student_key]
-    dst_ckpt = args.dst_ckpt if args.dst_ckpt is not None else student_config.get('dst_ckpt')
-    if dst_ckpt is None:
-        raise ConfigError(f'models.{student_key}.dst_ckpt', 'missing (where the trained student is written)')
-    dst_ckpt = os.path.expanduser(str(dst_ckpt))
-    dst_key = '--dst_ckpt' if args.dst_ckpt is not None else f'models.{student_key}.dst_ckpt'
-    if args.test_only and not os.path.isfile(dst_ckpt):
-        raise ConfigError(dst_key, f"-test_only: no trained student at '{dst_ckpt}'")
-    if not args.test_only:
-        check_writable(*outputs_of(dst_ckpt, dst_key, args, data_free is not None))
-    student = load_model(student_config, student_key, device, world.distributed)
+    config, data_free = _read_config(config_path, args)
+    student_key, dst_ckpt = _student_output(config, args, data_free is not None)
+    teacher = _load_teacher(config, data_free is not None, device, world)
+    student = load_model(config['models'][student_key], student_key, device, world.distributed)
     trainer = None if args.test_only else build_trainer(teacher, student, config, data_free, device, world, args,
                                                         student_key)
     if trainer is not None and not trainer.resumable and (args.resume is not None or args.save_every):
@@ -236,6 +203,50 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
         run.position = restore_training_state(state, trainer.box, world)
         logger.info(f'Resuming at epoch {run.position.epoch}, iteration {run.position.iteration}')
     return run
+
+
+def _read_config(config_path: str | os.PathLike, args: argparse.Namespace) -> tuple[dict, DataFreeConfig | None]:
+    """The loaded config, its dependencies imported, validated (:func:`lrwa_plugin.config.validate_config`), with
+    ``--start_epoch`` inside its epochs."""
+    config = load_config(config_path)
+    try:
+        import_dependencies(config.get('dependencies'))
+    except (ImportError, AttributeError, TypeError, KeyError) as error:
+        raise ConfigError('dependencies', first_line(error)) from error
+    data_free = validate_config(config, training=not args.test_only)
+    num_epochs = config.get('train', {}).get('num_epochs')
+    if not args.test_only and isinstance(num_epochs, int) and not 0 <= args.start_epoch < num_epochs:
+        raise ConfigError('--start_epoch', f'expected an epoch from 0 to train.num_epochs - 1 = {num_epochs - 1}, got '
+                                           f'{args.start_epoch}')
+    return config, data_free
+
+
+def _student_output(config: dict, args: argparse.Namespace, data_free: bool) -> tuple[str, str]:
+    """The student's key (``student_model`` or ``model``) and ``dst_ckpt`` (``--dst_ckpt`` first), with every file
+    and folder the run will write checked before anything is built."""
+    models_config = config.get('models', {})
+    student_key = 'student_model' if 'student_model' in models_config else 'model'
+    if student_key not in models_config:
+        raise ConfigError('models', 'expected `student_model` (distillation) or `model` (training)')
+    dst_ckpt = args.dst_ckpt if args.dst_ckpt is not None else models_config[student_key].get('dst_ckpt')
+    if dst_ckpt is None:
+        raise ConfigError(f'models.{student_key}.dst_ckpt', 'missing (where the trained student is written)')
+    dst_ckpt = os.path.expanduser(str(dst_ckpt))
+    dst_key = '--dst_ckpt' if args.dst_ckpt is not None else f'models.{student_key}.dst_ckpt'
+    if args.test_only and not os.path.isfile(dst_ckpt):
+        raise ConfigError(dst_key, f"-test_only: no trained student at '{dst_ckpt}'")
+    if not args.test_only:
+        check_writable(*outputs_of(dst_ckpt, dst_key, args, data_free))
+    return student_key, dst_ckpt
+
+
+def _load_teacher(config: dict, data_free: bool, device: torch.device, world: World) -> nn.Module | None:
+    """``models.teacher_model`` with its weights (a data-free run refuses a teacher without any)."""
+    teacher_config = config.get('models', {}).get('teacher_model')
+    if data_free and (teacher_config is None or not _has_weights(teacher_config)):
+        raise ConfigError('models.teacher_model', 'a data-free run needs a trained teacher: give src_ckpt '
+                                                  '(or kwargs.checkpoint_path for timm_model)')
+    return None if teacher_config is None else load_model(teacher_config, 'teacher_model', device, world.distributed)
 
 
 def outputs_of(dst_ckpt: str, key: str, args: argparse.Namespace, data_free: bool
@@ -261,67 +272,80 @@ def train(run: Run) -> dict[str, float]:
     In a data-parallel run rank 0 evaluates and writes files; the other ranks receive its accuracy. A SIGINT or
     SIGTERM stops the run at the next boundary with its training state saved there (:mod:`lrwa_plugin.run.stopping`).
     """
-    args, world, trainer = run.args, run.world, run.trainer
-    box = trainer.box
-    tensorboard = TensorBoardLogger(args.log_dir) if args.log_dir and world.is_main else None
-    progress = not args.no_progress and world.is_main
-    at = Position(run.position.epoch, run.position.iteration, list(run.position.history), run.position.best)
-    last_path = last_checkpoint_path(run.dst_ckpt)
-
-    def save_state(epoch: int, iteration: int) -> None:
-        save_training_state(last_path, box, Position(epoch, iteration, at.history, at.best), world, run.config_text,
-                            run.seed)
-
-    def stop_if_asked(request: StopRequest, epoch: int, iteration: int) -> None:
-        """Honours a SIGINT / SIGTERM: the state where the run stands (as --save_every writes it), then RunStopped."""
-        if not request.requested(world):
-            return
-        if trainer.resumable:
-            save_state(epoch, iteration)
-        raise RunStopped(request.signum or signal.SIGTERM, f'epoch {epoch}, iteration {iteration}',
-                         str(last_path) if trainer.resumable else None)
-
+    args, trainer = run.args, run.trainer
+    tensorboard = TensorBoardLogger(args.log_dir) if args.log_dir and run.world.is_main else None
     start = time.time()
     with stop_requests() as request:
-        def on_iteration(epoch: int, iteration: int, losses: dict[str, float]) -> None:
-            done = epoch * trainer.iterations_per_epoch + iteration + 1
-            if tensorboard is not None:
-                tensorboard.scalars('train', losses, done - 1)
-            if iteration + 1 < trainer.iterations_per_epoch:  # the epoch's last is followed by the epoch-end state
-                if args.save_every and done % args.save_every == 0:
-                    save_state(epoch, iteration + 1)
-                stop_if_asked(request, epoch, iteration + 1)
-
-        for epoch in range(at.epoch, box.num_epochs):
-            box.pre_epoch_process(epoch=epoch)
-            start_iteration = at.iteration if epoch == at.epoch else 0
-            losses = trainer.train_epoch(epoch, start_iteration, progress, on_iteration)
-            accuracy = evaluate(run.student, box.val_data_loader, run.device) if world.is_main else math.nan
-            accuracy = broadcast_float(accuracy, world, run.device)
-            at.history.append(accuracy)
-            loss_text = '  '.join(f'{k} {v:.4g}' for k, v in losses.items())
-            logger.info(f'Epoch {epoch}: val top-1 {accuracy:.2f}%  {loss_text}')
-            if world.is_main:
-                write_evolution(run.dst_ckpt, at.history, run.config_path, run.seed)
-                if tensorboard is not None:
-                    tensorboard.scalars('val', {'top1': accuracy}, epoch)
-                if not args.no_sample_grids:
-                    trainer.after_evaluation(epoch, run.dst_ckpt, tensorboard)
-            if accuracy > at.best:
-                at.best = accuracy
-                if world.is_main:
-                    save_student(run.dst_ckpt, run.student, trainer, at.best, vars(args))
-            trainer.post_epoch(accuracy)
-            if trainer.resumable:
-                save_state(epoch + 1, 0)
-            if epoch + 1 < box.num_epochs:
-                stop_if_asked(request, epoch + 1, 0)
+        loop = _EpochLoop(run, request, tensorboard)
+        for epoch in range(run.position.epoch, trainer.box.num_epochs):
+            loop.epoch(epoch)
     logger.info('Training time %s', datetime.timedelta(seconds=int(time.time() - start)))
     if tensorboard is not None:
         tensorboard.close()
     trainer.close()
-    barrier(world)  # rank 0 has written dst_ckpt before any rank reads it
+    barrier(run.world)  # rank 0 has written dst_ckpt before any rank reads it
+    at = loop.at
     return {'best_val_top1': at.best, 'last_val_top1': at.history[-1] if at.history else math.nan}
+
+
+class _EpochLoop:
+    """One run's epochs: each trained, evaluated, recorded; the training state saved where the run may stop."""
+
+    def __init__(self, run: Run, request: StopRequest, tensorboard: TensorBoardLogger | None) -> None:
+        self.run, self.request, self.tensorboard = run, request, tensorboard
+        self.trainer, self.world, self.args = run.trainer, run.world, run.args
+        self.at = Position(run.position.epoch, run.position.iteration, list(run.position.history), run.position.best)
+        self.last_path = last_checkpoint_path(run.dst_ckpt)
+
+    def save_state(self, epoch: int, iteration: int) -> None:
+        save_training_state(self.last_path, self.trainer.box, Position(epoch, iteration, self.at.history, self.at.best),
+                            self.world, self.run.config_text, self.run.seed)
+
+    def stop_if_asked(self, epoch: int, iteration: int) -> None:
+        """Honours a SIGINT / SIGTERM: the state where the run stands (as --save_every writes it), then RunStopped."""
+        if not self.request.requested(self.world):
+            return
+        if self.trainer.resumable:
+            self.save_state(epoch, iteration)
+        raise RunStopped(self.request.signum or signal.SIGTERM, f'epoch {epoch}, iteration {iteration}',
+                         str(self.last_path) if self.trainer.resumable else None)
+
+    def on_iteration(self, epoch: int, iteration: int, losses: dict[str, float]) -> None:
+        done = epoch * self.trainer.iterations_per_epoch + iteration + 1
+        if self.tensorboard is not None:
+            self.tensorboard.scalars('train', losses, done - 1)
+        if iteration + 1 < self.trainer.iterations_per_epoch:  # the epoch's last is followed by the epoch-end state
+            if self.args.save_every and done % self.args.save_every == 0:
+                self.save_state(epoch, iteration + 1)
+            self.stop_if_asked(epoch, iteration + 1)
+
+    def epoch(self, epoch: int) -> None:
+        run, trainer, world, at = self.run, self.trainer, self.world, self.at
+        box = trainer.box
+        box.pre_epoch_process(epoch=epoch)
+        start_iteration = at.iteration if epoch == at.epoch else 0
+        progress = not self.args.no_progress and world.is_main
+        losses = trainer.train_epoch(epoch, start_iteration, progress, self.on_iteration)
+        accuracy = evaluate(run.student, box.val_data_loader, run.device) if world.is_main else math.nan
+        accuracy = broadcast_float(accuracy, world, run.device)
+        at.history.append(accuracy)
+        loss_text = '  '.join(f'{k} {v:.4g}' for k, v in losses.items())
+        logger.info(f'Epoch {epoch}: val top-1 {accuracy:.2f}%  {loss_text}')
+        if world.is_main:
+            write_evolution(run.dst_ckpt, at.history, run.config_path, run.seed)
+            if self.tensorboard is not None:
+                self.tensorboard.scalars('val', {'top1': accuracy}, epoch)
+            if not self.args.no_sample_grids:
+                trainer.after_evaluation(epoch, run.dst_ckpt, self.tensorboard)
+        if accuracy > at.best:
+            at.best = accuracy
+            if world.is_main:
+                save_student(run.dst_ckpt, run.student, trainer, at.best, vars(self.args))
+        trainer.post_epoch(accuracy)
+        if trainer.resumable:
+            self.save_state(epoch + 1, 0)
+        if epoch + 1 < box.num_epochs:
+            self.stop_if_asked(epoch + 1, 0)
 
 
 def execute(run: Run) -> dict[str, float]:

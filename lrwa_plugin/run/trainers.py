@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..box import DataFreeDistillationBox
 from ..config.checks import rng_untouched
 from ..errors import ConfigError, NonFiniteLossError
+from ..models.sample_shape import check_sample_shape
 from ..util import first_line, modes_kept, unwrap
 from .checkpoint import atomic_save
 from .distributed import World, broadcast_module_state, seed_rank
@@ -195,7 +196,9 @@ def check_models_agree(box: DataFreeDistillationBox, models_config: dict, studen
             raise ConfigError('train.data_free.generator.kwargs',
                               f'the generator cannot produce a batch: {first_line(error)}') from error
         if evaluation is not None:
-            _check_sample_shape(tuple(x.shape[1:]), *evaluation)
+            dataset_id, dataset = evaluation
+            check_sample_shape(tuple(x.shape[1:]), _sample_shape(dataset), 'train.data_free.generator',
+                               'the student is evaluated on', f'datasets.{dataset_id}')
         teacher_out = _forward(teacher, x, 'train.data_free.generator', 'teacher')
         student_out = _forward(student, x, f'models.{student_key}', 'student')
     if not (isinstance(teacher_out, Tensor) and isinstance(student_out, Tensor)
@@ -210,17 +213,6 @@ def check_models_agree(box: DataFreeDistillationBox, models_config: dict, studen
     if classes is not None and teacher_out.shape[1] != classes:
         raise ConfigError('models.teacher_model', f'the teacher predicts {teacher_out.shape[1]} classes but the '
                                                   f'evaluation data (datasets.{evaluation[0]}) has {classes}')
-
-
-def _check_sample_shape(generated: tuple[int, ...], dataset_id: str, dataset: Any) -> None:
-    expected = _sample_shape(dataset)
-    if expected is None or generated == expected:
-        return
-    shape = 'x'.join(map(str, generated)), 'x'.join(map(str, expected))
-    key = 'nc' if len(generated) == len(expected) and generated[0] != expected[0] else 'img_size'
-    raise ConfigError(f'train.data_free.generator.kwargs.{key}',
-                      f'the generator makes samples of shape {shape[0]} but the student is evaluated on '
-                      f'{shape[1]} (datasets.{dataset_id}): set nc and img_size to match')
 
 
 # ------------------------------------------------------------------------------------------------ supervised
