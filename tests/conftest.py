@@ -1,4 +1,12 @@
-"""Shared fixtures: one thread (tiny models run far faster so on a loaded 2-core machine), shipped configs."""
+"""Shared fixtures: one thread (tiny models run far faster so on a loaded 2-core machine), shipped configs, the runner's
+flags for test runs, and the two test tiers.
+
+Tiers: a test that goes through the real runner on a teacher checkpoint (it requests ``teacher_dir``, directly or
+through ``work``, or ``teacher_checkpoints``) or runs a benchmark script is marked ``e2e`` here (:data:`E2E_FIXTURES`),
+so every new end-to-end test is tagged by construction;
+``python -m pytest -m "not e2e"`` is the fast unit tier, ``python -m pytest`` runs both. Hypothesis runs its ``dev``
+profile (a few examples) unless ``CI`` is set, when it runs the thorough ``ci`` profile.
+"""
 from __future__ import annotations
 
 import os
@@ -9,11 +17,27 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import settings
 
 from lrwa_plugin.run.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS_CONFIGS = ROOT / 'examples' / 'configs' / 'digits'
+
+
+settings.register_profile('ci', max_examples=30)
+settings.register_profile('dev', max_examples=6)
+settings.load_profile('ci' if os.environ.get('CI') else 'dev')
+
+#: Fixtures that mean a test runs the real runner on a teacher checkpoint (a trained digits teacher, the paper-scale
+#: teachers) or a benchmark script end to end: such a test is ``e2e``.
+E2E_FIXTURES = ('teacher_dir', 'teacher_checkpoints', 'bench_meta_step')
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(name in getattr(item, 'fixturenames', ()) for name in E2E_FIXTURES):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -127,8 +151,18 @@ def work(teacher_dir: Path, tmp_path: Path, monkeypatch) -> Path:
     return tmp_path
 
 
-def run_cli(config: Path, *flags: str) -> int:
-    return main(['--config', str(config), '--device', 'cpu', '--seed', '0', '-no_progress', *flags])
+#: The runner's flags for a test run: CPU, seed 0, no progress bars, no sample grids (rendering them is a large share
+#: of a tiny run; the tests of the grids ask for them with ``sample_grids=True``).
+RUN_FLAGS = ('--device', 'cpu', '--seed', '0', '-no_progress', '-no_sample_grids')
+
+
+def run_flags(sample_grids: bool = False) -> list[str]:
+    return [flag for flag in RUN_FLAGS if sample_grids is False or flag != '-no_sample_grids']
+
+
+def run_cli(config: Path, *flags: str, sample_grids: bool = False) -> int:
+    """Runs the command line in this process (the runner's own code path, one line per error) on ``config``."""
+    return main(['--config', str(config), *run_flags(sample_grids), *flags])
 
 
 def assert_same(a: object, b: object, path: str = 'state') -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import DIGITS_CONFIGS, ROOT, assert_same, child_env, run_cli, write_config
+from conftest import DIGITS_CONFIGS, ROOT, assert_same, child_env, run_cli, run_flags, write_config
 
 from lrwa_plugin.run.distributed import World, _buckets
 from lrwa_plugin.run.resume import read_training_state
@@ -51,7 +51,7 @@ def _rank_main(rank: int, world_size: int, ports: list[int], two_epochs: str, on
     for port, (config, out, flags, train) in zip(ports, runs):
         os.environ['MASTER_PORT'] = str(port)
         runner.train = train
-        status = cli.main(['--config', config, '--device', 'cpu', '--seed', '0', '-no_progress', '--world_size',
+        status = cli.main(['--config', config, *run_flags(), '--world_size',
                            str(world_size), '--dst_ckpt', f'{out}/student.pt', *flags])
         if status != 0:
             raise SystemExit(status)
@@ -99,7 +99,7 @@ def _poisoned_rank_main(rank: int, world_size: int, port: int, config: str, work
         AdversarialGenerator.sample = poisoned
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        status = cli.main(['--config', config, '--device', 'cpu', '--seed', '0', '-no_progress', '--world_size',
+        status = cli.main(['--config', config, *run_flags(), '--world_size',
                            str(world_size), '--dst_ckpt', 'out/student.pt'])
     errors = [line for line in stderr.getvalue().splitlines() if line.startswith('error: ')]
     Path(f'status{rank}.txt').write_text(f'{status}\n' + '\n'.join(errors))

@@ -42,7 +42,7 @@ def test_summary_is_mean_and_sample_std_over_seeds_with_the_definition():
 
 def test_two_epoch_run_writes_evolution_json_sample_grids_and_tensorboard_events(work):
     config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', SHORT_RUN)
-    assert run_cli(config, '--log_dir', str(work / 'tb')) == 0
+    assert run_cli(config, '--log_dir', str(work / 'tb'), sample_grids=True) == 0
     record = json.loads((work / 'resource/ckpt/digits/lrwa_mb.evolution.json').read_text())
     assert len(record['accuracy']) == 2 and all(0 <= a <= 100 for a in record['accuracy'])
     assert record['mu'] == pytest.approx(sum(record['accuracy']) / 2)
@@ -146,8 +146,8 @@ def test_the_same_seed_gives_every_arm_the_same_initial_student_and_generator(wo
 @pytest.mark.parametrize('name', ['lrwa_mb', 'lrwa_gr'])
 def test_sample_grids_change_nothing_the_run_computes(name, work):
     config = write_config(DIGITS_CONFIGS / f'{name}.yaml', work / 'run.yaml', SHORT_RUN)
-    assert run_cli(config, '--dst_ckpt', 'grids/student.pt') == 0
-    assert run_cli(config, '--dst_ckpt', 'none/student.pt', '-no_sample_grids') == 0
+    assert run_cli(config, '--dst_ckpt', 'grids/student.pt', sample_grids=True) == 0
+    assert run_cli(config, '--dst_ckpt', 'none/student.pt') == 0
     from conftest import assert_same
 
     from lrwa_plugin.run.resume import read_training_state

@@ -83,7 +83,7 @@ class ToyJoint(Strategy):
 def test_a_memory_registered_outside_the_package_runs_with_lrwa(registered, work):
     config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', {
         **ONE_ITERATION, REPLAY_BLOCK: "    replay: {key: 'LastBatch', kwargs: {batch_size: 8}}\n"})
-    assert run_cli(config) == 0
+    assert run_cli(config, sample_grids=True) == 0
     # two student steps: the first has nothing to replay, the second replays the first's batch; then the sample grid
     assert CALLS == ['observe', 'sample', 'observe', 'sample']
     state = read_training_state('resource/ckpt/digits/lrwa_mb.last.pt')

@@ -92,7 +92,7 @@ def test_mad_accepts_only_the_momentum_generator_and_lrwa_accepts_it_too():
 @pytest.mark.parametrize('name', ['mad', 'lrwa_mad'])
 def test_digits_momentum_configs_run_and_replay_from_the_first_iteration(name, work):
     config = write_config(DIGITS_CONFIGS / f'{name}.yaml', work / 'run.yaml', SHORT_RUN)
-    assert run_cli(config) == 0
+    assert run_cli(config, sample_grids=True) == 0
     state = read_training_state(f'resource/ckpt/digits/{name}.last.pt')
     assert state['ranks'][0]['replay']['updates'] == 2 * 3  # one generator step per iteration
     assert (work / f'resource/ckpt/digits/{name}.samples/epoch_000_replayed.png').is_file()

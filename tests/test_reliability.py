@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DIGITS_CONFIGS, SHORT_RUN, child_env, run_cli, write_config
+from conftest import DIGITS_CONFIGS, SHORT_RUN, child_env, run_cli, run_flags, write_config
 
 from lrwa_plugin.run.cli import main
 from lrwa_plugin.run.files import RunLock
@@ -74,8 +74,7 @@ def test_a_training_loader_in_a_data_free_config_is_named_in_one_warning(work, c
 
 
 def _command(config: Path, dst: str) -> list[str]:
-    return [sys.executable, '-m', 'lrwa_plugin', '--config', str(config), '--device', 'cpu', '--seed', '0',
-            '-no_progress', '-no_sample_grids', '--dst_ckpt', dst]
+    return [sys.executable, '-m', 'lrwa_plugin', '--config', str(config), *run_flags(), '--dst_ckpt', dst]
 
 
 def test_a_second_run_on_the_same_checkpoint_is_refused_while_the_first_lives(work, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DIGITS_CONFIGS, ROOT, assert_same, child_env, run_cli, write_config
+from conftest import DIGITS_CONFIGS, ROOT, assert_same, child_env, run_cli, run_flags, write_config
 
 from lrwa_plugin.run import checkpoint
 from lrwa_plugin.run.resume import last_checkpoint_path, read_training_state
@@ -23,8 +23,8 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 
 def command(config: Path, dst: str, *flags: str) -> list[str]:
-    return [sys.executable, str(ROOT / 'examples' / 'run_torchdistill.py'), '--config', str(config), '--device', 'cpu',
-            '--seed', '0', '-no_progress', '--dst_ckpt', dst, *flags]
+    return [sys.executable, str(ROOT / 'examples' / 'run_torchdistill.py'), '--config', str(config), *run_flags(),
+            '--dst_ckpt', dst, *flags]
 
 
 @pytest.mark.parametrize('name', ['lrwa_mb', 'mad'])
@@ -210,7 +210,7 @@ def test_sigint_and_sigterm_stop_with_a_resumable_state_and_one_line(work: Path)
     env = child_env()
     flags: tuple[str, ...] = ()
     for signum, epoch in ((signal.SIGINT, 1), (signal.SIGTERM, 2)):
-        process = subprocess.Popen(command(config, 'stopped/student.pt', '-no_sample_grids', *flags), env=env,
+        process = subprocess.Popen(command(config, 'stopped/student.pt', *flags), env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             _wait_for_state(state, process, epoch)
@@ -227,7 +227,7 @@ def test_sigint_and_sigterm_stop_with_a_resumable_state_and_one_line(work: Path)
         stopped = read_training_state(state)
         assert stopped['epoch'] == epoch and 0 < stopped['iteration'] < 12  # at an iteration boundary, mid-epoch
         flags = ('--resume', str(state))
-    assert run_cli(config, '--dst_ckpt', 'stopped/student.pt', '-no_sample_grids', *flags) == 0
+    assert run_cli(config, '--dst_ckpt', 'stopped/student.pt', *flags) == 0
     straight, resumed = (read_training_state(p) for p in (last_checkpoint_path('straight/student.pt'), state))
     assert_same(straight['box'], resumed['box'])
     assert_same(straight['ranks'], resumed['ranks'])
