@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import DIGITS_CONFIGS, SHORT_RUN, run_cli, write_config
+from conftest import DIGITS_CONFIGS, SHORT_RUN, child_env, run_cli, run_flags, write_config
 from torchdistill.core.interfaces.post_forward_proc import default_post_forward_process
 from torchdistill.core.interfaces.registry import POST_FORWARD_PROC_FUNC_DICT, register_post_forward_proc_func
 
@@ -169,3 +172,90 @@ def test_a_run_modifies_neither_its_flags_nor_its_config(work, monkeypatch):
     assert vars(args) == vars(before)
     for block in ('train', 'models', 'test'):
         assert run.config[block] == fresh[block], block  # e.g. the wrapper and the learning rate are as written
+
+
+#: A user's own components, as a user writes them: a module of their own, imported by torchdistill because the
+#: config lists it under ``dependencies`` (docs/extending.md). It leaves a trace of every call in ``calls.txt``.
+USER_MODULE = '''
+import torch
+
+from lrwa_plugin.errors import ConfigError
+from lrwa_plugin.registry import register_replay, register_strategy
+from lrwa_plugin.replay import Replayed, ReplayMemory
+from lrwa_plugin.strategies import Strategy, loss_values
+
+
+def trace(line):
+    with open('calls.txt', 'a') as f:
+        f.write(line + '\\n')
+
+
+@register_replay
+class NewestBatch(ReplayMemory):
+    def __init__(self, batch_size: int = 16, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.batch_size, self.last = batch_size, None
+
+    def __len__(self):
+        return 0 if self.last is None else len(self.last)
+
+    def observe(self, x, epoch, iteration):
+        trace('observe')
+        self.last = x.detach()
+
+    def sample(self, n=None, device=None):
+        if self.last is None:
+            return None
+        trace('sample')
+        return Replayed(self.last[: n or self.batch_size].to(device))
+
+    def extra_state(self):
+        return {'last': self.last}
+
+    def load_extra_state(self, state):
+        self.last = state['last']
+
+
+@register_strategy(key='weighted_joint')
+class WeightedJoint(Strategy):
+    def __init__(self, retain_weight: float = 1.0) -> None:
+        if not retain_weight >= 0:
+            raise ConfigError('retain_weight', f'must be >= 0, got {retain_weight}')
+        self.retain_weight = retain_weight
+
+    def backward(self, student, losses):
+        trace(f'weighted_joint {self.retain_weight} {losses.retain is not None}')
+        l_acq = losses.acquire(student)
+        l_ret = losses.retain(student) if losses.retain is not None else None
+        (l_acq if l_ret is None else l_acq + self.retain_weight * l_ret).backward()
+        return loss_values(acq=l_acq, ret=l_ret)
+'''
+
+
+def test_components_in_a_users_module_under_dependencies_run_from_the_command_line(work):
+    """The path a user takes: their module on disk, listed under ``dependencies:``, run by ``python -m lrwa_plugin``
+    from the folder that holds it (the runner's working directory is on its import path)."""
+    (work / 'my_components.py').write_text(USER_MODULE)
+    edits = {**ONE_ITERATION, 'num_epochs: 1': 'num_epochs: 2', REPLAY_BLOCK:
+             "    replay: {key: 'NewestBatch', kwargs: {batch_size: 8}}\n",
+             "  - name: 'lrwa_plugin'\n": "  - name: 'lrwa_plugin'\n  - name: 'my_components'\n",
+             "strategy: 'mb_dfkd'": "strategy: {key: 'weighted_joint', kwargs: {retain_weight: 0.5}}"}
+    config = write_config(DIGITS_CONFIGS / 'mb_dfkd.yaml', work / 'run.yaml', edits)
+
+    def run(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, '-m', 'lrwa_plugin', '--config', path.name, *run_flags()], cwd=work,
+                              env=child_env(), capture_output=True, text=True, timeout=600)
+
+    done = run(config)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'Summary [' in done.stdout
+    # two epochs of one iteration, two student steps each: nothing to replay at the very first step, then the newest
+    assert (work / 'calls.txt').read_text().split('\n')[:4] == ['weighted_joint 0.5 False', 'observe',
+                                                               'sample', 'weighted_joint 0.5 True']
+    bad = run(write_config(config, work / 'bad.yaml', {'retain_weight: 0.5': 'retain_weight: -1.0'}))
+    # the log goes to stderr too: the error is its last line, and the only one that says error
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1] == \
+        'error: train.strategy.kwargs.retain_weight: must be >= 0, got -1.0', bad.stderr[-2000:]
+    missing = run(write_config(config, work / 'missing.yaml', {"name: 'my_components'": "name: 'my_componets'"}))
+    last = missing.stderr.splitlines()[-1]
+    assert missing.returncode == 2 and last.startswith('error: dependencies: ') and 'my_componets' in last, last
