@@ -1,13 +1,6 @@
-"""Small helpers the whole plugin shares, each written once: messages, checks, modules, trees of tensors, atomic writes.
-
-* messages: :func:`first_line` (one line of an exception), :func:`listed` (a bounded list), :func:`show` (a short repr),
-  :func:`did_you_mean`;
-* modules: :func:`unwrap` (DataParallel / DistributedDataParallel), :func:`modes_kept` (train/eval modes restored),
-  :func:`buffers_restored`;
-* trees of tensors (torchdistill I/O dicts): :func:`tree_map`, :func:`cat_rows`;
-* files: :func:`atomic_write` and :func:`atomic_write_text` (temporary file in the same folder, fsync, rename), so a
-  result file is either the old one or the complete new one.
-"""
+"""Small helpers the whole plugin shares, each written once so that no module writes its own: one-line messages,
+train/eval modes and buffers left as they were, trees of tensors (torchdistill's I/O dicts), and atomic writes (a
+result file is either the old one or the complete new one)."""
 from __future__ import annotations
 
 import contextlib

@@ -1,21 +1,18 @@
-"""The checking engine: refuses a value that cannot work with one line naming the key, the value and what is allowed.
+"""The checking idiom: a value that cannot work is one :class:`~lrwa_plugin.errors.ConfigError` naming its key path,
+the value and what is allowed.
 
 torchdistill is lenient where data-free distillation cannot afford it: an unknown key is ignored, a mistyped count
 only fails deep inside the first iteration, and a typo in a generator argument surfaces as a tensor-shape error. This
-module knows nothing of the plugin's blocks (:mod:`lrwa_plugin.config` says what they are, and each component its
-own rules); it gives them one way to check:
+module knows nothing of the plugin's blocks (:mod:`lrwa_plugin.config.data_free` says what they are); it is the one way
+everything checks, the YAML layer and the components alike. A component checks its own arguments with the argument's
+name as the path (``count(capacity, 'capacity')``); the layer that built it from ``{key, kwargs}`` moves the error
+below its block (:meth:`ConfigError.under`), so the key path travels with the error and is never read back from a
+message. Components are built once before training (:func:`dry_build`: on the ``meta`` device when possible, never
+drawing from the global random generator, so a run's results do not depend on whether it was validated).
 
-* structure: :func:`mapping`, :func:`check_keys` (unknown keys with a did-you-mean), :func:`require`,
-  :func:`count`, :func:`finite`, :func:`choice`;
-* arguments against a signature: :func:`check_kwargs` (names and simple annotated types);
-* dry builds: :func:`dry_build` builds a component once so that its own argument checks speak, on the ``meta``
-  device when possible (no memory, no tensor initialisation) and never drawing from the global random generator,
-  so a run's results do not depend on whether it was validated;
-* torchdistill components: :func:`check_optimizer`, :func:`check_scheduler`, :func:`check_criterion`.
+.. code-block:: text
 
-Every check raises :class:`~lrwa_plugin.errors.ConfigError`, e.g.::
-
-    train.data_free.meta.alpha: lrwa refused it: meta: alpha must be a finite number > 0, got 0
+    train.data_free.meta.alpha: expected a finite number > 0, got 0
     train.data_free.replay.kwrags: unknown key (did you mean 'kwargs'?); allowed: key, kwargs
 """
 from __future__ import annotations
