@@ -55,6 +55,7 @@ from torchdistill.core.util import extract_io_dict
 from .config.data_free import DataFreeConfig, parse_data_free
 from .generator import AdversarialGenerator
 from .models.sample_shape import check_generator_fits_teacher
+from .precision import Precision
 from .registry import get_replay, get_strategy
 from .replay import ReplayContext, ReplayMemory
 from .run.distributed import GradientAverager, World, broadcast_module_state
@@ -71,16 +72,18 @@ class DataFreeDistillationBox(DistillationBox):
     Args are torchdistill's (see ``torchdistill.core.distillation.DistillationBox``); ``train_config`` has the two
     extra keys ``strategy`` and ``data_free`` shown in the module docstring, and is not modified.
     ``data_free``: the already parsed block (the runner parses it once while validating); None parses it here.
+    ``precision``: float32 (None) or mixed precision (``--amp``, :mod:`lrwa_plugin.precision`).
     """
 
     def __init__(self, teacher_model: nn.Module, student_model: nn.Module, dataset_dict: dict,
                  train_config: dict, device: torch.device, device_ids: list[int] | None, distributed: bool,
                  lr_factor: float = 1, accelerator: Any = None, world: World | None = None,
-                 data_free: DataFreeConfig | None = None) -> None:
+                 data_free: DataFreeConfig | None = None, precision: Precision | None = None) -> None:
         # Data parallelism is the box's own (lrwa_plugin.run.distributed): torchdistill sees a single process, so it
         # wraps nothing in DDP and its validation loader covers the whole split (evaluated on rank 0).
         self.world = world or World()
         self.config = data_free or parse_data_free(train_config)
+        self.precision = precision or Precision(None, torch.device(device).type)
         super().__init__(teacher_model, student_model, dataset_dict, _torchdistill_view(train_config), device,
                          device_ids, False, lr_factor, accelerator)
         config = self.config
@@ -90,7 +93,8 @@ class DataFreeDistillationBox(DistillationBox):
         self.strategy = get_strategy(config.strategy.key, **config.strategy.kwargs)
         self.guard = NonFiniteGuard(self.world)
         teacher = unwrap(self.teacher_model)
-        self.generation = AdversarialGenerator(config.generator, teacher, self.device, self.world, self.guard)
+        self.generation = AdversarialGenerator(config.generator, teacher, self.device, self.world, self.guard,
+                                               self.precision)
         self.generator = self.generation.generator
         check_generator_fits_teacher(self.generator, teacher, 'train.data_free.generator')
         self.replay: ReplayMemory | None = None
@@ -123,7 +127,8 @@ class DataFreeDistillationBox(DistillationBox):
 
     def _criterion(self, x: Tensor, teacher_io: dict) -> Callable[[Callable[..., Any]], Tensor]:
         def closure(model: Callable[..., Any]) -> Tensor:
-            student_io = self.student_io(model, x)
+            with self.precision.autocast():  # the forward; the criterion reduces in float32
+                student_io = self.precision.to_float32(self.student_io(model, x))
             model_loss_dict = self.extract_model_loss(student_io[SELF_MODULE_PATH]['output'], None, supp_dict={})
             return self.criterion({'teacher': teacher_io, 'student': student_io}, model_loss_dict, None)
         return closure
@@ -140,23 +145,25 @@ class DataFreeDistillationBox(DistillationBox):
                          teacher_io_m: dict | None) -> StepClosures:
         """The closures a strategy is given for the acquisition batch ``x`` and the replay batch ``x_m``."""
         lr = float(self.optimizer.param_groups[0]['lr'])
+        scale = self.precision.student_scale.scale if self.precision.student_scale is not None else 1.0
         if x_m is None:
-            return StepClosures(acquire=self._criterion(x, teacher_io), lr=lr)
+            return StepClosures(acquire=self._criterion(x, teacher_io), lr=lr, loss_scale=scale)
 
         def joint(model: Callable[..., Any]) -> Tensor:
             return self._criterion(torch.cat([x, x_m]), cat_rows(teacher_io, teacher_io_m))(model)
 
         return StepClosures(acquire=self._criterion(x, teacher_io), retain=self._criterion(x_m, teacher_io_m),
-                          joint=joint, lr=lr)
+                            joint=joint, lr=lr, loss_scale=scale)
 
     def student_step(self) -> tuple[Tensor, dict[str, float]]:
         """One student update by the strategy; returns the acquisition batch and the loss values."""
-        with torch.no_grad():
-            x = self.sample()
-            teacher_io = self.teacher_io(x)
+        to_float32 = self.precision.to_float32
+        with torch.no_grad(), self.precision.autocast():
+            x = to_float32(self.sample())
+            teacher_io = to_float32(self.teacher_io(x))
             replayed = self.replay.sample(device=self.device) if self.replay is not None else None
-            x_m = None if replayed is None else replayed.x
-            teacher_io_m = None if replayed is None else (replayed.teacher_io or self.teacher_io(x_m))
+            x_m = None if replayed is None else to_float32(replayed.x)
+            teacher_io_m = None if replayed is None else to_float32(replayed.teacher_io or self.teacher_io(x_m))
         losses = self.strategy.backward(self.student_model, self.student_closures(x, teacher_io, x_m, teacher_io_m))
         self.student_averager()
 
@@ -166,6 +173,11 @@ class DataFreeDistillationBox(DistillationBox):
             return {f'acq.{name}': value for name, value in weighted_terms(self.criterion, io_dict).items()}
 
         self.guard.losses(losses, acquisition_terms, {'generated': x, 'replayed': x_m})
+        scale = self.precision.student_scale
+        if scale is not None and not scale.unscale_(self.student_model.parameters()):
+            # float16: the scaled gradients overflowed; the step is skipped (the scale has halved)
+            self.optimizer.zero_grad(set_to_none=True)
+            return x, losses
         self.guard.gradient('student', self.student_model.parameters(), losses)
         # torchdistill's post-forward process steps the optimizer (clipping, step-wise scheduling); the backward it
         # runs on this loss reaches nothing, as the strategy has already accumulated the gradient.
@@ -237,10 +249,13 @@ class DataFreeDistillationBox(DistillationBox):
     # ------------------------------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
         """What every rank shares: student, generator, their optimizers and schedulers, the step counter."""
-        return {'student': unwrap(self.student_model).state_dict(), **self.generation.state_dict(),
-                'optimizer': self.optimizer.state_dict(),
-                'lr_scheduler': None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
-                'stage_grad_count': self.stage_grad_count}
+        state = {'student': unwrap(self.student_model).state_dict(), **self.generation.state_dict(),
+                 'optimizer': self.optimizer.state_dict(),
+                 'lr_scheduler': None if self.lr_scheduler is None else self.lr_scheduler.state_dict(),
+                 'stage_grad_count': self.stage_grad_count}
+        if self.precision.enabled:  # float32 states stay as they were
+            state['precision'] = self.precision.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict` (strict: every module, optimizer and scheduler must match)."""
@@ -249,6 +264,7 @@ class DataFreeDistillationBox(DistillationBox):
         self.optimizer.load_state_dict(state['optimizer'])
         load_optional_state('lr_scheduler', self.lr_scheduler, state['lr_scheduler'])
         self.stage_grad_count = int(state['stage_grad_count'])
+        self.precision.load_state_dict(state.get('precision'))
 
 
 def _applied(value: float) -> Tensor:

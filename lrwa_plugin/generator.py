@@ -31,6 +31,7 @@ from torchdistill.optim.registry import get_optimizer, get_scheduler
 
 from .config.data_free import GeneratorConfig
 from .losses import BN_STATS_PATH, TeacherBNStatistics
+from .precision import Precision
 from .run.distributed import GradientAverager, World
 from .run.guard import NonFiniteGuard, weighted_terms
 from .util import load_optional_state
@@ -50,10 +51,11 @@ class AdversarialGenerator:
         device: where the generator runs.
         world: under ``torchrun``, the generator's gradients are averaged across ranks after every backward.
         guard: stops the run at a non-finite loss or gradient.
+        precision: float32 or mixed precision (:mod:`lrwa_plugin.precision`); float16 skips an overflowing step.
     """
 
     def __init__(self, config: GeneratorConfig, teacher: nn.Module, device: torch.device, world: World,
-                 guard: NonFiniteGuard) -> None:
+                 guard: NonFiniteGuard, precision: Precision | None = None) -> None:
         self.generator = get_model(config.model.key, **config.model.kwargs).to(device)
         self.optimizer = get_optimizer(self.generator, config.optimizer.key, **config.optimizer.kwargs)
         self.scheduler = None if config.scheduler is None else \
@@ -62,6 +64,7 @@ class AdversarialGenerator:
         self.steps = config.steps
         self.device = device
         self.guard = guard
+        self.precision = precision or Precision(None, device.type)
         self.bn_statistics = TeacherBNStatistics(teacher)
         self.averager = GradientAverager(self.generator.parameters(), world)
         logger.info('Generator loss: %s', self.criterion)
@@ -73,20 +76,26 @@ class AdversarialGenerator:
     def step(self, n: int, teacher_io: Callable[[Tensor], dict], student_io: Callable[[Tensor], dict]) -> float:
         """One update on a fresh batch of ``n``: minimise the criterion (only G's parameters move); returns it."""
         self.generator.train()
-        x = self.sample(n)
-        self.bn_statistics.enabled = True
-        try:
-            teacher = teacher_io(x)
-        finally:
-            self.bn_statistics.enabled = False
+        precision = self.precision
+        with precision.autocast():  # the forwards; the criterion reduces in float32
+            x = self.sample(n)
+            self.bn_statistics.enabled = True
+            try:
+                teacher = precision.to_float32(teacher_io(x))
+            finally:
+                self.bn_statistics.enabled = False
+            student = precision.to_float32(student_io(x))
         teacher[BN_STATS_PATH] = {'output': self.bn_statistics.pop()}
-        io_dict = {'teacher': teacher, 'student': student_io(x)}
+        io_dict = {'teacher': teacher, 'student': student}
         loss = self.criterion(io_dict, {}, None)
         self.guard.losses({'gen': loss}, lambda: weighted_terms(self.criterion, io_dict), {'generated': x})
         self.optimizer.zero_grad(set_to_none=True)
         # inputs=: the student's parameters must not collect gradient from the generator's objective.
-        loss.backward(inputs=list(self.generator.parameters()))
+        scale = precision.generator_scale
+        (loss if scale is None else loss * scale.scale).backward(inputs=list(self.generator.parameters()))
         self.averager()
+        if scale is not None and not scale.unscale_(self.generator.parameters()):
+            return float(loss.detach())  # float16 overflow: the step is skipped (the scale has halved)
         self.guard.gradient('generator', self.generator.parameters(), {'gen': loss})
         self.optimizer.step()
         return float(loss.detach())

@@ -284,6 +284,8 @@ class TeacherBNStatistics:
         if not self.enabled:
             return
         x = inputs[0]
+        if x.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the statistics in float32
+            x = x.float()
         dims = [0] + list(range(2, x.dim()))
         var, mean = torch.var_mean(x, dim=dims, unbiased=False)
         self._stats.append((mean, var, module.running_mean, module.running_var))

@@ -128,7 +128,8 @@ class RetainWhileAcquire:
                 f'inner_bn={self.inner_bn!r}, fd_eps={self.fd_eps})')
 
     def __call__(
-        self, student: nn.Module, acquire: LossClosure, retain: LossClosure | None = None, alpha: float | None = None
+        self, student: nn.Module, acquire: LossClosure, retain: LossClosure | None = None, alpha: float | None = None,
+        loss_scale: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Performs the meta gradient computation and accumulates it into ``.grad``.
 
@@ -137,6 +138,9 @@ class RetainWhileAcquire:
             acquire: loss closure on the acquisition batch, run at θ.
             retain: loss closure on the memory batch, run at θ'; ``None`` accumulates only ∇L_Acq(θ).
             alpha: this step's α (finite, >= 0: α = 0 evaluates L_Ret at θ), instead of the one given at construction.
+            loss_scale: float16's loss scale ``s`` (:mod:`lrwa_plugin.precision`): every backward is of ``s × loss``,
+                so ``.grad`` receives ``s ∇J(θ)``; the inner step uses the unscaled ``∇L_Acq`` (``α/s`` times the
+                scaled one: ``s`` is a power of two, so θ' is exactly that of an unscaled step).
 
         Returns:
             ``(l_acq, l_ret)``, detached; ``l_ret`` is ``None`` when ``retain`` is ``None``.
@@ -156,21 +160,21 @@ class RetainWhileAcquire:
         with torch.enable_grad():
             if retain is None:
                 l_acq = acquire(module)
-                torch.autograd.backward(l_acq, inputs=params)
+                torch.autograd.backward(_scaled(l_acq, loss_scale), inputs=params)
                 return l_acq.detach(), None
             runner = AtParameters(state, self.backend)
             with runner.active():
                 if self.order == 'finite_difference':
                     l_acq, l_ret = _finite_difference_step(runner, acquire, retain, alpha, self.fd_eps,
-                                                           self.inner_bn == 'keep')
+                                                           self.inner_bn == 'keep', loss_scale)
                     return l_acq.detach(), l_ret.detach()
                 l_acq, l_ret, g_acq = _exact_step(runner, acquire, retain, alpha, self.order == 'second',
-                                                  self.inner_bn == 'keep')
+                                                  self.inner_bn == 'keep', loss_scale)
             # ∇L_Ret through θ' (to θ' only, or on through the inner step) plus the reused ∇L_Acq(θ), summed and
             # accumulated into .grad by autograd itself, exactly as .backward() accumulates.
             present = [(p, g.detach()) for p, g in zip(params, g_acq) if g is not None]
-            torch.autograd.backward([l_ret, *(p for p, _ in present)], [None, *(g for _, g in present)],
-                                    inputs=params)
+            torch.autograd.backward([_scaled(l_ret, loss_scale), *(p for p, _ in present)],
+                                    [None, *(g for _, g in present)], inputs=params)
         return l_acq.detach(), l_ret.detach()
 
     def _state_for(self, module: nn.Module, patched: bool) -> PreparedModule:
@@ -202,49 +206,58 @@ def retain_while_acquire(
         student, acquire, retain)
 
 
+def _scaled(loss: torch.Tensor, scale: float) -> torch.Tensor:
+    return loss if scale == 1.0 else loss * scale
+
+
 def _exact_step(
-    runner: AtParameters, acquire: LossClosure, retain: LossClosure, alpha: float, second_order: bool, keep_bn: bool
+    runner: AtParameters, acquire: LossClosure, retain: LossClosure, alpha: float, second_order: bool, keep_bn: bool,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, Grads]:
-    """Orders second and first: both losses and ∇L_Acq(θ) (with its graph kept when second order)."""
+    """Orders second and first: both losses and ``scale ×`` ∇L_Acq(θ) (with its graph kept when second order)."""
     params = runner.state.trainable
     l_acq = acquire(runner.at())
-    g_acq = _acquisition_grads(l_acq, params, second_order)
-    fast = _inner_step(params, g_acq, alpha, second_order)
+    g_acq = _acquisition_grads(_scaled(l_acq, scale), params, second_order)
+    fast = _inner_step(params, g_acq, alpha / scale, second_order)
     with buffers_kept(runner.state, keep_bn):
         l_ret = retain(runner.at(fast))
     return l_acq, l_ret, g_acq
 
 
 def _finite_difference_step(
-    runner: AtParameters, acquire: LossClosure, retain: LossClosure, alpha: float, fd_eps: float, keep_bn: bool
+    runner: AtParameters, acquire: LossClosure, retain: LossClosure, alpha: float, fd_eps: float, keep_bn: bool,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Order finite_difference: accumulates ``v + (g − α [∇L_Acq(θ + εv) − g] / ε)`` into ``.grad``; returns the
     losses.
 
     Parameter-sized buffers are the cost here (the activations of a small batch are not): ``v`` goes into ``.grad``
     first, θ' and θ + εv are dropped as soon as their gradient is taken, and the difference quotient and the sum are
-    formed in place, so at most three such buffers live beside ``.grad``.
+    formed in place, so at most three such buffers live beside ``.grad``. With a loss ``scale`` ``s``, ``g`` and ``v``
+    are ``s`` times the true ones, the shift ``εv`` and the quotient's divisor are the unscaled ones, so ``.grad``
+    receives ``s`` times the unscaled result.
     """
     state = runner.state
     params = state.trainable
     l_acq = acquire(runner.at())
-    g = _dense(params, _acquisition_grads(l_acq, params, second_order=False))
+    g = _dense(params, _acquisition_grads(_scaled(l_acq, scale), params, second_order=False))
     with torch.no_grad():
-        fast = [t.requires_grad_() for t in _inner_step(params, g, alpha, second_order=False)]
+        fast = [t.requires_grad_() for t in _inner_step(params, g, alpha / scale, second_order=False)]
     with buffers_kept(state, keep_bn):
         l_ret = retain(runner.at(fast))
-    v = _dense(fast, list(torch.autograd.grad(l_ret, fast, allow_unused=True)))
+    v = _dense(fast, list(torch.autograd.grad(_scaled(l_ret, scale), fast, allow_unused=True)))
     del fast
-    norm = float(torch.nn.utils.get_total_norm(v))
+    norm = float(torch.nn.utils.get_total_norm(v)) / scale
     torch.autograd.backward(params, v)  # into .grad, as .backward() accumulates (v is read, never written, below)
     if norm > 0:
         eps = fd_eps / norm
-        shifted = [t.requires_grad_() for t in torch._foreach_add([p.detach() for p in params], v, alpha=eps)]
+        shifted = [t.requires_grad_() for t in
+                   torch._foreach_add([p.detach() for p in params], v, alpha=eps / scale)]
         del v
         # The extra forward only measures the slope: the student's running statistics stay as they were.
         with buffers_kept(state, True):
             l_shifted = acquire(runner.at(shifted))
-        slope = _dense(shifted, list(torch.autograd.grad(l_shifted, shifted, allow_unused=True)))
+        slope = _dense(shifted, list(torch.autograd.grad(_scaled(l_shifted, scale), shifted, allow_unused=True)))
         del shifted, l_shifted
         torch._foreach_sub_(slope, g)
         torch._foreach_div_(slope, eps)  # H v

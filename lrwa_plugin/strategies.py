@@ -66,12 +66,19 @@ class StepClosures:
         retain: the criterion on the replay batch (L_Ret); None while the memory holds nothing.
         joint: the criterion on ``cat(new, replayed)``, one forward and one mean over all rows (None without replay).
         lr: the student optimizer's current learning rate (its first parameter group).
+        loss_scale: the float16 loss scale (``--amp float16``; 1 otherwise): a strategy backpropagates through
+            :meth:`backward`, which applies it (the box unscales the gradients before anything reads them).
     """
 
     acquire: LossClosure
     retain: LossClosure | None = None
     joint: LossClosure | None = None
     lr: float | None = None
+    loss_scale: float = 1.0
+
+    def backward(self, loss: Tensor) -> None:
+        """``loss.backward()``, scaled by :attr:`loss_scale` under float16."""
+        (loss if self.loss_scale == 1.0 else loss * self.loss_scale).backward()
 
 
 class Strategy(ABC):
@@ -135,7 +142,7 @@ class AcquireOnly(Strategy):
 
     def backward(self, student: nn.Module, losses: StepClosures) -> dict[str, float]:
         l_acq = losses.acquire(student)
-        l_acq.backward()
+        losses.backward(l_acq)
         return loss_values(acq=l_acq)
 
 
@@ -173,15 +180,15 @@ class JointReplay(Strategy):
     def backward(self, student: nn.Module, losses: StepClosures) -> dict[str, float]:
         if losses.retain is None:
             l_acq = losses.acquire(student)
-            l_acq.backward()
+            losses.backward(l_acq)
             return loss_values(acq=l_acq)
         if self.combine == 'concat':
             l_joint = losses.joint(student)
-            l_joint.backward()
+            losses.backward(l_joint)
             return loss_values(joint=l_joint)
         l_acq = losses.acquire(student)
         l_ret = losses.retain(student)
-        (l_acq + (l_ret if self.retain_weight == 1.0 else self.retain_weight * l_ret)).backward()
+        losses.backward(l_acq + (l_ret if self.retain_weight == 1.0 else self.retain_weight * l_ret))
         return loss_values(acq=l_acq, ret=l_ret)
 
 
@@ -267,5 +274,5 @@ class LearnToRetainWhileAcquiring(Strategy):
 
     def backward(self, student: nn.Module, losses: StepClosures) -> dict[str, float]:
         alpha = self.alpha(losses.lr)
-        l_acq, l_ret = self.meta(student, losses.acquire, losses.retain, alpha=alpha)
+        l_acq, l_ret = self.meta(student, losses.acquire, losses.retain, alpha=alpha, loss_scale=losses.loss_scale)
         return loss_values(acq=l_acq, ret=l_ret)

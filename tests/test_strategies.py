@@ -101,10 +101,10 @@ def test_alpha_per_lr_follows_the_students_learning_rate_schedule(work, monkeypa
     seen = []
     call = RetainWhileAcquire.__call__
 
-    def spy(self, student, acquire, retain=None, alpha=None):
+    def spy(self, student, acquire, retain=None, alpha=None, loss_scale=1.0):
         if retain is not None:
             seen.append(alpha)
-        return call(self, student, acquire, retain, alpha)
+        return call(self, student, acquire, retain, alpha, loss_scale)
 
     monkeypatch.setattr(RetainWhileAcquire, '__call__', spy)
     config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', {

@@ -32,6 +32,7 @@ from torchdistill.common.main_util import setup_for_distributed
 from torchdistill.misc.log import set_basic_log_config, setup_log_file
 
 from ..errors import ConfigError, NonFiniteLossError
+from ..precision import AMP_DTYPES
 from ..util import first_line
 from .distributed import World, destroy, init_distributed
 from .files import check_writable
@@ -59,6 +60,17 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
     parser.add_argument('--seed', type=int, help='seed in random number generator')
     parser.add_argument('-disable_cudnn_benchmark', action='store_true', help='disable torch.backend.cudnn.benchmark')
+    parser.add_argument('--amp', choices=sorted(AMP_DTYPES),
+                        help='data-free runs: autocast the forwards to this dtype (GPUs; parameters, gradients, '
+                             'BatchNorm statistics and losses stay float32; float16 scales the loss); default float32')
+    parser.add_argument('-tf32', action='store_true',
+                        help='TF32 matrix products and convolutions on Ampere+ GPUs: faster, ~3 significant digits '
+                             'inside each product')
+    parser.add_argument('-channels_last', action='store_true',
+                        help='NHWC memory order for the models (faster convolutions on tensor cores)')
+    parser.add_argument('-deterministic', action='store_true',
+                        help='deterministic kernels only (torch.use_deterministic_algorithms, fixed cuBLAS workspace, '
+                             'no cuDNN autotuning): the same seed gives the same run on a GPU, slower')
     parser.add_argument('-test_only', action='store_true', help='only test the models')
     parser.add_argument('-student_only', action='store_true', help='test the student model only')
     parser.add_argument('-log_config', action='store_true', help='log config')

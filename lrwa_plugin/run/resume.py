@@ -154,14 +154,18 @@ def _differences(saved: Any, current: Any, path: str = '') -> list[str]:
     return []
 
 
-def check_same_run(state: dict[str, Any], config_text: str, seed: int | None, world: World, path: str) -> None:
-    """Refuses a state written by another config, seed or number of processes, listing what differs."""
+def check_same_run(state: dict[str, Any], config_text: str, seed: int | None, world: World, path: str,
+                   amp: str | None = None) -> None:
+    """Refuses a state written by another config, seed, number of processes or precision, listing what differs."""
     differences = _differences(yaml.load(state['config'], Loader=_TagTolerantLoader),
                                yaml.load(config_text, Loader=_TagTolerantLoader))
     if seed is not None and seed != state['seed']:
         differences.append(f"--seed: {state['seed']} -> {seed}")
     if world.size != state['world_size']:
         differences.append(f"number of processes: {state['world_size']} -> {world.size}")
+    written_amp = (state['box'].get('precision') or {}).get('amp')
+    if written_amp != amp:
+        differences.append(f"--amp: {written_amp or 'none (float32)'} -> {amp or 'none (float32)'}")
     if differences:
         shown = differences[:_MAX_LISTED] + ([f'+{len(differences) - _MAX_LISTED} more']
                                              if len(differences) > _MAX_LISTED else [])

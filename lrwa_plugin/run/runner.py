@@ -40,6 +40,7 @@ from ..box import DataFreeDistillationBox
 from ..config.checks import check_kwargs
 from ..config.data_free import DataFreeConfig, validate_config
 from ..errors import ConfigError
+from ..precision import Precision, set_backend_flags, to_channels_last
 from ..util import first_line
 from .checkpoint import load_weights_strictly
 from .distributed import World, any_rank, barrier, broadcast_float, device_for
@@ -150,7 +151,8 @@ def build_trainer(teacher: nn.Module | None, student: nn.Module, config: dict, d
     lr_factor = world.size if distributed and args.adjust_lr else 1
     if data_free is not None:
         box = DataFreeDistillationBox(teacher, student, dataset_dict, train_config, device, device_ids,
-                                      distributed, lr_factor, world=world, data_free=data_free)
+                                      distributed, lr_factor, world=world, data_free=data_free,
+                                      precision=Precision(getattr(args, 'amp', None), device.type))
         val_id = train_config['val_data_loader']['dataset_id']
         trainer: Trainer = DataFreeTrainer(box, teacher, world, config.get('models', {}), student_key,
                                            (val_id, dataset_dict[val_id]))
@@ -177,23 +179,30 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
         ConfigError: anything in the config, its files or the flags that cannot work; nothing is written.
     """
     world = world or World()
-    torch.backends.cudnn.benchmark = not args.disable_cudnn_benchmark
     device = device_for(torch.device(args.device), world)
+    set_backend_flags(device, tf32=getattr(args, 'tf32', False), deterministic=getattr(args, 'deterministic', False),
+                      cudnn_benchmark=not args.disable_cudnn_benchmark)
     state = read_training_state(args.resume) if args.resume is not None else None
     seed = state['seed'] if state is not None and args.seed is None else args.seed
     set_seed(seed)
     config, data_free = _read_config(config_path, args)
     student_key, dst_ckpt = _student_output(config, args, data_free is not None)
+    amp = getattr(args, 'amp', None)
+    if amp is not None and data_free is None and not args.test_only:
+        raise ConfigError('--amp', 'only data-free runs (train.strategy) autocast; a plain torchdistill run trains in '
+                                   'float32')
     teacher = _load_teacher(config, data_free is not None, device, world)
     student = load_model(config['models'][student_key], student_key, device, world.distributed)
     trainer = None if args.test_only else build_trainer(teacher, student, config, data_free, device, world, args,
                                                         student_key)
+    if getattr(args, 'channels_last', False):
+        to_channels_last(teacher, student, getattr(trainer.box, 'generator', None) if trainer is not None else None)
     if trainer is not None and not trainer.resumable and (args.resume is not None or args.save_every):
         raise ConfigError(f"--{'resume' if args.resume is not None else 'save_every'}",
                           'only data-free runs (train.strategy) write and resume training states')
     config_text = Path(os.path.expanduser(str(config_path))).read_text()
     if state is not None:
-        check_same_run(state, config_text, seed, world, args.resume)
+        check_same_run(state, config_text, seed, world, args.resume, amp=amp)
     run = Run(args=args, config_path=str(config_path), config=config, config_text=config_text, seed=seed,
               world=world, device=device, teacher=teacher, student=student, student_key=student_key,
               dst_ckpt=dst_ckpt, trainer=trainer, position=Position(epoch=args.start_epoch))
