@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..precision import AMP_DTYPES
 from ..util import atomic_write_text, listed
 from .evolution import (
     DEFINITION,
@@ -72,19 +73,25 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument('--threads', type=int, default=1,
                         help='CPU threads of every run (default 1: the same numbers on any machine)')
     parser.add_argument('--jobs', type=int, help='runs at once (default: the CPU count over --threads)')
+    parser.add_argument('--amp', choices=sorted(AMP_DTYPES),
+                        help="every run's --amp (mixed precision; recorded in its result.json)")
     return parser
 
 
 def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str | None = None,
-            sample_grids: bool = False, threads: int = 1) -> dict:
+            sample_grids: bool = False, threads: int = 1, amp: str | None = None) -> dict:
     """Runs one config with one seed in a subprocess unless it finished before; returns its result record."""
     result_path = run_dir / 'result.json'
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        record = json.loads(result_path.read_text())
+        if record.get('amp') != amp:
+            raise SystemExit(f"error: --amp: {run_dir} holds a finished run with --amp {record.get('amp') or 'none'}, "
+                             f"not {amp or 'none'}; give another --out")
+        return record
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, *((runner,) if runner else RUNNER), '--config', str(config), '--seed', str(seed),
                '--device', device, '--dst_ckpt', str(run_dir / 'student.pt'), '--run_log', str(run_dir / 'log.txt'),
-               '-no_progress', *(() if sample_grids else ('-no_sample_grids',))]
+               '-no_progress', *(() if sample_grids else ('-no_sample_grids',)), *(('--amp', amp) if amp else ())]
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
     start = time.time()
     with open(run_dir / 'stdout.txt', 'w') as out:
@@ -93,7 +100,7 @@ def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str | N
         _, wait_status, usage = os.wait4(process.pid, 0)
         process.returncode = status = os.waitstatus_to_exitcode(wait_status)
     record = {'config': str(config), 'seed': seed, 'exit_status': status, 'seconds': time.time() - start,
-              'cpu_seconds': usage.ru_utime + usage.ru_stime, 'threads': threads}
+              'cpu_seconds': usage.ru_utime + usage.ru_stime, 'threads': threads, **({'amp': amp} if amp else {})}
     if status == 0:
         atomic_write_text(result_path, json.dumps(record, indent=2) + '\n')
     return record
@@ -101,8 +108,9 @@ def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str | N
 
 def compare(configs: Sequence[str | Path], seeds: Sequence[int], out: str | Path, device: str = 'cpu',
             runner: str | None = None, baseline: str | Path | None = None, sample_grids: bool = False,
-            name: str = 'summary', threads: int = 1, jobs: int = 1) -> dict:
-    """Runs every config with every seed (``jobs`` at once, each on ``threads`` CPU threads), then writes the
+            name: str = 'summary', threads: int = 1, jobs: int = 1, amp: str | None = None) -> dict:
+    """Runs every config with every seed (``jobs`` at once, each on ``threads`` CPU threads, ``amp``: their
+    ``--amp``), then writes the
     summary files; returns what ``NAME.json`` holds."""
     out = Path(out)
     evolutions: dict[str, list[dict]] = {}
@@ -112,7 +120,7 @@ def compare(configs: Sequence[str | Path], seeds: Sequence[int], out: str | Path
     runs = [(config, seed, out / config.stem / f'seed{seed}') for config in map(Path, configs) for seed in seeds]
 
     def run(config: Path, seed: int, run_dir: Path) -> dict:
-        record = run_one(config, seed, run_dir, device, runner, sample_grids, threads)
+        record = run_one(config, seed, run_dir, device, runner, sample_grids, threads, amp)
         print(f"{config.stem} seed {seed}: exit {record['exit_status']}, {record['seconds']:.0f} s", flush=True)
         return record
 
@@ -170,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     jobs = args.jobs if args.jobs is not None else max(1, (os.cpu_count() or 1) // args.threads)
     summary = compare(args.configs, args.seeds, args.out, args.device, args.runner, args.baseline,
-                      args.sample_grids, args.name, args.threads, jobs)
+                      args.sample_grids, args.name, args.threads, jobs, args.amp)
     paired = summary.get('paired')
     print(summary_markdown(summary['configs'], None if paired is None else paired['configs'],
                            None if paired is None else paired['baseline'], summary['seconds']))
