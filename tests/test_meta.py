@@ -1,18 +1,26 @@
-"""Tests for lrwa_plugin.meta: both backends against each other, against finite differences, and for side effects."""
+"""Tests for lrwa_plugin.meta: both backends against each other, against finite differences, and for side effects.
+
+The nets and tensors live on ``LRWA_TEST_DEVICE`` (default ``cpu``); ``benchmarks/gpu_check.py`` runs this file with
+``LRWA_TEST_DEVICE=cuda``.
+"""
 from __future__ import annotations
 
 import copy
 import functools
+import os
 
 import higher
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
-from torchdistill.core.forward_hook import register_forward_hook_with_dict
+from torchdistill.core.forward_hook import get_device_index, register_forward_hook_with_dict
 
 from lrwa_plugin.meta import RetainWhileAcquire, retain_while_acquire
+from lrwa_plugin.precision import deterministic_off, set_backend_flags
 
+DEVICE = torch.device(os.environ.get('LRWA_TEST_DEVICE', 'cpu'))
+IO_KEY = get_device_index(torch.empty(0, device=DEVICE))  # where torchdistill's hooks file a tensor of DEVICE
 F64 = torch.float64
 ALPHA = 0.9
 N_ACQ, N_MEM = 4, 6  # distinct batch sizes tell the θ and θ' forwards apart in hooks
@@ -25,17 +33,32 @@ def make_net(seed: int = 0) -> nn.Module:
         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
     )
-    return net.to(F64).train()
+    return net.to(DEVICE, F64).train()
 
 
 def make_data(seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same values on every device
+    data = {
         'x': torch.randn(N_ACQ, 3, 8, 8, generator=g, dtype=F64),
         't': torch.randn(N_ACQ, 5, generator=g, dtype=F64),
         'x_m': torch.randn(N_MEM, 3, 8, 8, generator=g, dtype=F64) + 0.5,
         't_m': torch.randn(N_MEM, 5, generator=g, dtype=F64),
     }
+    return {key: value.to(DEVICE) for key, value in data.items()}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _deterministic_kernels_on_a_gpu():
+    """On a GPU, deterministic kernels: some tests compare two computations bit for bit, which cuDNN's and cuBLAS's
+    atomics would otherwise separate by roundoff (the CPU kernels are deterministic already)."""
+    if DEVICE.type != 'cuda':
+        yield
+        return
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    with deterministic_off():
+        set_backend_flags(DEVICE, deterministic=True)
+        yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
 def crit(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -223,7 +246,7 @@ def test_forward_hooks_fire_for_both_forwards(backend: str, order: str) -> None:
             entry.clear()
         models.append(model)
         loss = crit(model(x), t)
-        bn_out, fc_in = io_dict['4']['output']['cpu'], io_dict['8']['input']['cpu']
+        bn_out, fc_in = io_dict['4']['output'][IO_KEY], io_dict['8']['input'][IO_KEY]
         assert isinstance(bn_out, torch.Tensor) and isinstance(fc_in, torch.Tensor)
         seen.append((tag, bn_out.shape[0], fc_in.shape[0], len(kw_calls)))
         return loss
@@ -334,7 +357,7 @@ def test_valid_arguments_are_kept() -> None:
 def test_data_parallel_student(backend: str) -> None:
     _, g_plain = run(backend, 'second')
     net, d = make_net(), make_data()
-    wrapped = nn.DataParallel(net)
+    wrapped = nn.DataParallel(net, device_ids=[DEVICE] if DEVICE.type == 'cuda' else None)  # one device: one batch
     acquire, retain = closures(d)
     retain_while_acquire(wrapped, acquire, retain, alpha=ALPHA, backend=backend)
     assert_grads_close(grads_of(net), g_plain, rtol=1e-12)
@@ -465,7 +488,7 @@ def smooth_net(seed: int = 0) -> nn.Module:
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Tanh(),
         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Tanh(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5),
-    ).to(F64).train()
+    ).to(DEVICE, F64).train()
 
 
 def squared_closures(d: dict[str, torch.Tensor]):
@@ -519,7 +542,7 @@ def test_finite_difference_runs_the_acquisition_closure_again_with_hooks(backend
     def observe(tag: str, model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         io_dict['8'].clear()
         loss = crit(model(x), t)
-        seen.append((tag, io_dict['8']['input']['cpu'].shape[0]))
+        seen.append((tag, io_dict['8']['input'][IO_KEY].shape[0]))
         return loss
 
     l_acq, _ = retain_while_acquire(net, lambda m: observe('acq', m, d['x'], d['t']),

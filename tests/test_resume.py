@@ -232,3 +232,25 @@ def test_sigint_and_sigterm_stop_with_a_resumable_state_and_one_line(work: Path)
     assert_same(straight['box'], resumed['box'])
     assert_same(straight['ranks'], resumed['ranks'])
     assert straight['history'] == resumed['history']
+
+
+def test_a_state_resumed_under_another_runs_dst_ckpt_is_refused_and_both_runs_kept(finished: Path, work: Path,
+                                                                                   capsys) -> None:
+    """A run made with --dst_ckpt mine/mine.pt, resumed with --resume mine/mine.last.pt but without --dst_ckpt: the
+    config's own dst_ckpt (another run's files) would have been written over; it is refused, nothing moves."""
+    theirs = work / 'resource' / 'ckpt' / 'digits'
+    assert run_cli(finished) == 0  # the config's own run, at its own dst_ckpt
+    assert run_cli(finished, '--dst_ckpt', 'mine/mine.pt') == 0
+    longer = write_config(finished, work / 'longer.yaml', {'num_epochs: 1': 'num_epochs: 2'})
+    before = snapshot(theirs), snapshot(work / 'mine')
+    capsys.readouterr()
+    assert run_cli(longer, '--resume', 'mine/mine.last.pt') == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --resume: 'mine/mine.last.pt' is not the training state of this run "
+                   "(models.student_model.dst_ckpt 'resource/ckpt/digits/lrwa_mb.pt' keeps it in "
+                   "'resource/ckpt/digits/lrwa_mb.last.pt'); resume with --dst_ckpt 'mine/mine.pt', so that the "
+                   "resumed run writes its own files\n"), err
+    assert (snapshot(theirs), snapshot(work / 'mine')) == before
+    assert run_cli(longer, '--resume', 'mine/mine.last.pt', '--dst_ckpt', 'mine/mine.pt') == 0
+    assert read_training_state(work / 'mine' / 'mine.last.pt')['epoch'] == 2
+    assert snapshot(theirs) == before[0]

@@ -154,6 +154,20 @@ def _differences(saved: Any, current: Any, path: str = '') -> list[str]:
     return []
 
 
+def check_state_belongs(state_path: str | os.PathLike, dst_ckpt: str, dst_key: str) -> None:
+    """A training state is continued only by the run it belongs to: ``--resume`` must be this run's own
+    ``<dst_ckpt stem>.last.pt``, else the resumed run would write its state, its evolution and its best student over
+    another run's files (and test that run's student)."""
+    own, given = last_checkpoint_path(dst_ckpt), Path(os.path.expanduser(os.fspath(state_path)))
+    if given.resolve() == own.resolve():
+        return
+    owner = given.with_name(given.name[:-len('.last.pt')] + '.pt') if given.name.endswith('.last.pt') else None
+    hint = f"resume with --dst_ckpt '{owner}'" if owner is not None else "give the run's own --dst_ckpt"
+    raise ConfigError('--resume', f"'{os.fspath(state_path)}' is not the training state of this run ({dst_key} "
+                                  f"'{dst_ckpt}' keeps it in '{own}'); {hint}, so that the resumed run writes its own "
+                                  'files')
+
+
 def check_same_run(state: dict[str, Any], config_text: str, seed: int | None, world: World, path: str,
                    amp: str | None = None) -> None:
     """Refuses a state written by another config, seed, number of processes or precision, listing what differs."""

@@ -49,6 +49,7 @@ from .files import RunLock, check_writable
 from .resume import (
     Position,
     check_same_run,
+    check_state_belongs,
     last_checkpoint_path,
     read_training_state,
     restore_training_state,
@@ -187,6 +188,9 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
     set_seed(seed)
     config, data_free = _read_config(config_path, args)
     student_key, dst_ckpt = _student_output(config, args, data_free is not None)
+    if args.resume is not None:
+        check_state_belongs(args.resume, dst_ckpt, '--dst_ckpt' if args.dst_ckpt is not None
+                            else f'models.{student_key}.dst_ckpt')
     amp = getattr(args, 'amp', None)
     if amp is not None and data_free is None and not args.test_only:
         raise ConfigError('--amp', 'only data-free runs (train.strategy) autocast; a plain torchdistill run trains in '
