@@ -3,7 +3,7 @@
 One iteration is what ``DataFreeDistillationBox.train_iteration`` runs: the generator step(s), the student steps
 (``student_steps`` of them, each with its replay batch) and the replay memory's update. Every variant gets its own
 box built from a shipped config (``examples/configs/digits/``) the way the runner builds it (torchdistill's
-``yaml_util``, :func:`lrwa_plugin.run.runner.load_model`, :class:`lrwa_plugin.box.DataFreeDistillationBox`), from
+``yaml_util``, :func:`lrwa_plugin.run.loading.load_model`, :class:`lrwa_plugin.box.DataFreeDistillationBox`), from
 the same
 seed, with its memory filled first so that replay (and the meta step) is active from the first timed iteration.
 The variants run interleaved (one iteration of each, in an order rotated every round, then again) after a warm-up,
@@ -47,7 +47,7 @@ from torchdistill.common.main_util import import_dependencies
 from lrwa_plugin.box import DataFreeDistillationBox
 from lrwa_plugin.run.cli import main as cli_main
 from lrwa_plugin.run.distributed import World
-from lrwa_plugin.run.runner import load_model
+from lrwa_plugin.run.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / 'examples' / 'configs' / 'digits'
@@ -129,7 +129,9 @@ def build_box(config: dict, seed: int, world: World | None = None) -> DataFreeDi
         capacity = getattr(box.replay, 'capacity', 1)
         for _ in range(64):
             with torch.no_grad():
-                box.replay.observe(box.sample(), push_epoch, box.iterations_per_epoch - 1)
+                x = box.sample()
+            # outside no_grad: a generative replay trains its VAE on what it observes
+            box.replay.observe(x, push_epoch, box.iterations_per_epoch - 1)
             box.replay.end_epoch(push_epoch)
             if len(box.replay) >= capacity:
                 break

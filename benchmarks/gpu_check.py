@@ -16,21 +16,21 @@ Five sections, each timed, each recorded (a failing one with its error) before t
    released step, reproduced) and ``lrwa_higher`` variants on the device, interleaved: the time ratios
    released / plain and lrwa / plain (``docs/performance.md`` quotes the CPU's), at the benchmark's size and at the
    paper's (the CIFAR student, 512 + 64 samples).
-4. ``determinism``: two short runs of ``cifar100/lrwa_mb.yaml`` (two epochs, the second replaying) through the
-   command line with ``-deterministic``, compared bit for bit (training states: student, generator, optimizers,
-   memory, random streams; and the accuracy history).
-5. ``ranks``: the same run on two ranks under ``python -m torch.distributed.run --nproc_per_node 2`` (nccl; gloo with
-   ``--device cpu``), when two GPUs are visible.
+4. ``determinism``: two short runs each of ``cifar100/lrwa_mb.yaml`` and ``cifar100/lrwa_gr.yaml`` (two epochs, the
+   second replaying; batch 64) through the command line with ``-deterministic``, compared bit for bit (training
+   states: student, generator, optimizers, memory, random streams; the accuracy history; the best students).
+5. ``ranks``: the ``lrwa_mb`` run on two ranks under ``python -m torch.distributed.run --nproc_per_node 2`` (nccl;
+   gloo with ``--device cpu``), when two GPUs are visible.
 
 It writes ``gpu_check.json`` and ``gpu_check.md`` (the card, the versions, each section's table, what was skipped and
 why) into ``--out``, prints a short summary, and exits 1 if any section failed. Timings are reported, never asserted.
 
-    python benchmarks/gpu_check.py --out examples/results/gpu                  # one GPU: about 3-5 minutes
-    python benchmarks/gpu_check.py --device cpu --tiny --out /tmp/gpu_check    # the same sections, small, on the CPU
+    python benchmarks/gpu_check.py --out examples/results/gpu                  # one GPU (estimated 3-5 minutes)
+    python benchmarks/gpu_check.py --device cpu --tiny --out gpu_check_cpu     # the same sections, small, on the CPU
 
 ``--tiny`` shrinks what runs (WRN-16-1 teacher and student, narrower generator and VAE, batches of 8, 2 student
-steps, fewer timed iterations) so that the script itself is exercised by ``tests/test_gpu_check.py``; on the CPU TF32
-is a no-op and is recorded as such.
+steps, one timed iteration without warm-up, ``lrwa_mb`` only in section 4) so that ``tests/test_gpu_check.py`` runs
+the whole script on the CPU in about half a minute; on the CPU TF32 is a no-op and is recorded as such.
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -53,9 +53,9 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from xml.etree import ElementTree
 
 import torch
 from torchdistill.common import yaml_util
@@ -68,8 +68,8 @@ import bench_meta_step  # noqa: E402
 from lrwa_plugin.box import DataFreeDistillationBox  # noqa: E402
 from lrwa_plugin.precision import Precision, set_backend_flags  # noqa: E402
 from lrwa_plugin.run.checkpoint import atomic_save, load_state_dict_file  # noqa: E402
+from lrwa_plugin.run.loading import load_model  # noqa: E402
 from lrwa_plugin.run.resume import read_training_state  # noqa: E402
-from lrwa_plugin.run.runner import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / 'examples' / 'configs' / 'cifar100'
@@ -101,8 +101,7 @@ TINY_REPLAY_EDITS = {
 }
 
 
-@dataclass
-class Sizes:
+class Sizes(NamedTuple):
     """How much each section runs: the paper's sizes on a GPU, small ones with ``--tiny``."""
 
     batch_size: int | None  # None: the config's (512)
@@ -113,6 +112,7 @@ class Sizes:
     meta_warmup: int
     meta_steps: int
     run_batch_size: int  # the short runs of sections 4 and 5
+    determinism_configs: tuple[str, ...]
     run_student_steps: int
     timeout_s: int
 
@@ -122,11 +122,13 @@ PAPER = Sizes(batch_size=None, student_steps=None, warmup=2, timed=3,
                               'img_size': 32, 'acq_batch': 64, 'mem_batch': 8},
                              {'name': 'paper', 'model': 'resnet18_cifar', 'timm': False, 'num_classes': 100,
                               'img_size': 32, 'acq_batch': 512, 'mem_batch': 64}),
-              meta_warmup=2, meta_steps=5, run_batch_size=64, run_student_steps=2, timeout_s=300)
-TINY = Sizes(batch_size=8, student_steps=2, warmup=1, timed=1,
+              meta_warmup=2, meta_steps=5, run_batch_size=64, determinism_configs=('lrwa_mb', 'lrwa_gr'),
+              run_student_steps=2, timeout_s=300)
+TINY = Sizes(batch_size=8, student_steps=2, warmup=0, timed=1,
              meta_settings=({'name': 'tiny', 'model': 'resnet18', 'timm': True, 'num_classes': 10, 'img_size': 16,
                              'acq_batch': 8, 'mem_batch': 2},),
-             meta_warmup=1, meta_steps=1, run_batch_size=4, run_student_steps=1, timeout_s=300)
+             meta_warmup=0, meta_steps=1, run_batch_size=4, determinism_configs=('lrwa_mb',), run_student_steps=1,
+             timeout_s=300)
 
 
 def get_argparser() -> argparse.ArgumentParser:
@@ -136,8 +138,8 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument('--tiny', action='store_true', help='small models and batches (the CPU self-test)')
     parser.add_argument('--sections', nargs='+', choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument('--strategies', nargs='+', choices=STRATEGIES, default=list(STRATEGIES))
-    parser.add_argument('--warmup', type=int, help='untimed iterations per variant (default 2; --tiny 1)')
-    parser.add_argument('--timed', type=int, help='timed iterations per variant (default 3; --tiny 1)')
+    parser.add_argument('--warmup', type=int, help='section 2: untimed iterations per variant (default 2; --tiny 0)')
+    parser.add_argument('--timed', type=int, help='section 2: timed iterations per variant (default 3; --tiny 1)')
     parser.add_argument('--threads', type=int, default=1, help='torch intra-op threads of this process')
     parser.add_argument('--seed', type=int, default=0)
     return parser
@@ -148,6 +150,29 @@ def child_env(**extra: str) -> dict[str, str]:
     """A subprocess's environment: one OpenMP thread, this checkout first on ``PYTHONPATH``."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get('PYTHONPATH', '')) if p)
     return {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': path, **extra}
+
+
+def start(command: list[str], cwd: Path, **extra_env: str) -> subprocess.Popen:
+    """A subprocess in its own session (so a timeout ends it and whatever it started), output captured."""
+    return subprocess.Popen(command, cwd=cwd, env=child_env(**extra_env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout_s: float) -> str:
+    """Waits for ``process`` (ending its session after ``timeout_s``, then raising) and returns its output."""
+    try:
+        return process.communicate(timeout=timeout_s)[0]
+    except subprocess.TimeoutExpired:
+        end(process)
+        raise
+
+
+def end(process: subprocess.Popen) -> None:
+    """Ends a process this script started, and its children (its session), if it still runs."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def free_port() -> int:
@@ -256,14 +281,14 @@ def build_box(config: dict, seed: int, device: torch.device, precision: Precisio
 
 @contextlib.contextmanager
 def backend_flags(device: torch.device, tf32: bool) -> Iterator[None]:
-    """TF32 on or off for a block (cuDNN autotuning on, as the runner's default), the defaults after it."""
+    """The runner's switches for a block (TF32 on or off, cuDNN autotuning on), this process's own after it."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32
     set_backend_flags(device, tf32=tf32)
     try:
         yield
     finally:
-        set_backend_flags(device)
-        if device.type == 'cpu':  # set_backend_flags touches the CUDA flags on the CPU only when asked for TF32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = before
 
 
 def reset_peak(device: torch.device) -> None:
@@ -281,16 +306,24 @@ def peak_gib(device: torch.device) -> float | None:
 def meta_tests(args: argparse.Namespace, device: torch.device, sizes: Sizes, work: Workspace) -> dict[str, Any]:
     """1. tests/test_meta.py on the device."""
     command = [sys.executable, '-m', 'pytest', 'tests/test_meta.py', '-q', '-p', 'no:cacheprovider']
-    result = subprocess.run(command, cwd=ROOT, env=child_env(LRWA_TEST_DEVICE=str(device)), capture_output=True,
-                            text=True, timeout=sizes.timeout_s)
-    output = result.stdout + result.stderr
-    summary = next((line for line in reversed(output.splitlines()) if re.search(r'\d+ (passed|failed)', line)), '')
-    counts = {kind: int(n) for n, kind in re.findall(r'(\d+) (passed|failed|errors?|skipped)', summary)}
-    record = {'passed': counts.get('passed', 0), 'failed': counts.get('failed', 0),
-              'errors': counts.get('error', 0) + counts.get('errors', 0), 'skipped': counts.get('skipped', 0),
-              'returncode': result.returncode, 'summary': summary.strip('= '),
-              'command': f'LRWA_TEST_DEVICE={device} ' + ' '.join(command[1:]), 'output_tail': tail(output)}
-    record['status'] = 'passed' if result.returncode == 0 and record['passed'] > 0 else 'failed'
+    report = work.root / 'test_meta.xml'  # the counts, whatever the verbosity (setup.cfg's addopts add a -q)
+    # deterministic kernels on a GPU (the tests compare some gradients bit for bit): cuBLAS reads this at its start
+    process = start([*command, f'--junitxml={report}'], ROOT, LRWA_TEST_DEVICE=str(device),
+                    CUBLAS_WORKSPACE_CONFIG=os.environ.get('CUBLAS_WORKSPACE_CONFIG', ':4096:8'))
+    output = finish(process, sizes.timeout_s)
+    record: dict[str, Any] = {'command': f'LRWA_TEST_DEVICE={device} python ' + ' '.join(command[1:]),
+                              'returncode': process.returncode, 'output_tail': tail(output)}
+    if not report.is_file():
+        return {**record, 'status': 'failed', 'error': f'pytest exited {process.returncode} without a report'}
+    suite = ElementTree.parse(report).getroot()
+    suite = suite if suite.tag == 'testsuite' else suite.find('testsuite')
+    counts = {key: int(suite.get(key, 0)) for key in ('tests', 'failures', 'errors', 'skipped')}
+    record.update(passed=counts['tests'] - counts['failures'] - counts['errors'] - counts['skipped'],
+                  failed=counts['failures'], errors=counts['errors'], skipped=counts['skipped'])
+    ok = process.returncode == 0 and record['passed'] > 0 and not record['failed'] and not record['errors']
+    record['status'] = 'passed' if ok else 'failed'
+    if not ok:
+        record['error'] = f'{record["failed"]} failed, {record["errors"]} errors (pytest exit {process.returncode})'
     return record
 
 
@@ -312,6 +345,7 @@ def iterations(args: argparse.Namespace, device: torch.device, sizes: Sizes, wor
             if name == 'tf32' and device.type != 'cuda':
                 row.update(status='skipped', reason='TF32 is a no-op on the CPU (its float32 kernels do not use it)')
                 continue
+            box = None
             try:
                 precision = Precision('bfloat16' if name == 'bfloat16' else None, device.type)
                 with backend_flags(device, tf32=name == 'tf32'):
@@ -325,18 +359,23 @@ def iterations(args: argparse.Namespace, device: torch.device, sizes: Sizes, wor
                         synchronize(device)
                         if i >= warmup:
                             times.append(time.perf_counter() - start)
-                    seconds = statistics.median(times)
-                    row.update(status='passed', s_per_it=seconds, times_s=times, peak_gib=peak_gib(device),
-                               projected_hours=total_iterations * seconds / 3600)
-                    del box
+                seconds = statistics.median(times)
+                row.update(status='passed', s_per_it=seconds, times_s=times, peak_gib=peak_gib(device),
+                           projected_hours=total_iterations * seconds / 3600)
             except Exception as error:  # recorded; the other variants still run
-                row.update(status='failed', error=f'{type(error).__name__}: {error}', traceback=tail(
-                    traceback.format_exc(), 8))
-            reset_peak(device)
-    status = 'failed' if any(row['status'] == 'failed' for row in rows) else 'passed'
-    return {'status': status, 'warmup': warmup, 'timed': timed, 'rows': rows,
-            'note': 'projected_hours = num_epochs x iterations_per_epoch x s_per_it / 3600 (the config\'s 400 x 72; '
-                    'evaluations not included)' + ('; --tiny sizes: not the paper\'s' if args.tiny else '')}
+                row.update(status='failed', error=f'{type(error).__name__}: {error}',
+                           traceback=tail(traceback.format_exc(), 8))
+            finally:
+                box = None  # before the next variant is built
+                reset_peak(device)
+    record = {'status': 'passed', 'warmup': warmup, 'timed': timed, 'rows': rows,
+              'note': 'projected hours = num_epochs x iterations_per_epoch x s/iteration / 3600 (the configs\' 400 x '
+                      '72), evaluations not included' + ('; --tiny sizes, not the paper\'s' if args.tiny else '')}
+    failed = [row for row in rows if row['status'] == 'failed']
+    if failed:
+        record.update(status='failed', error='; '.join(f'{r["config"]} {r["precision"]}: {r["error"]}' for r in failed),
+                      traceback='\n\n'.join(f'{r["config"]} {r["precision"]}:\n{r["traceback"]}' for r in failed))
+    return record
 
 
 def meta_step(args: argparse.Namespace, device: torch.device, sizes: Sizes, work: Workspace) -> dict[str, Any]:
@@ -372,7 +411,7 @@ def meta_step(args: argparse.Namespace, device: torch.device, sizes: Sizes, work
                     if round_index >= sizes.meta_warmup:
                         times[variant].append(time.perf_counter() - start)
                 order = order[1:] + order[:1]
-            for variant in META_VARIANTS:  # one more step each, for its peak memory
+            for variant in META_VARIANTS if device.type == 'cuda' else ():  # one more step each: its peak memory
                 reset_peak(device)
                 steps[variant]()
                 synchronize(device)
@@ -380,7 +419,7 @@ def meta_step(args: argparse.Namespace, device: torch.device, sizes: Sizes, work
         medians = {v: statistics.median(times[v]) for v in META_VARIANTS}
         settings.append({**{key: value for key, value in setting.items() if key != 'timm'},
                          'variants': {v: {'median_s': medians[v], 'ratio_to_plain': medians[v] / medians['plain'],
-                                          'times_s': times[v], 'peak_gib': peaks[v],
+                                          'times_s': times[v], 'peak_gib': peaks.get(v),
                                           'description': bench_meta_step.DESCRIPTIONS[v]} for v in META_VARIANTS},
                          'released_over_plain': medians['released'] / medians['plain'],
                          'lrwa_over_plain': medians['lrwa_higher'] / medians['plain']})
@@ -391,12 +430,14 @@ def meta_step(args: argparse.Namespace, device: torch.device, sizes: Sizes, work
                              'released 3.47x plain, lrwa (higher) 2.64x plain'}
 
 
-def short_run_config(work: Workspace, sizes: Sizes, folder: Path) -> Path:
-    """``cifar100/lrwa_mb.yaml`` for two epochs of one iteration, pushing after each: the second epoch replays."""
+def short_run_config(work: Workspace, sizes: Sizes, strategy: str, folder: Path) -> Path:
+    """``cifar100/<strategy>.yaml`` for two epochs of one iteration, the second replaying (a memory bank pushes after
+    each epoch; a VAE trains on the first student step)."""
     folder.mkdir(parents=True, exist_ok=True)
-    text = work.config_text('lrwa_mb', sizes.run_batch_size, sizes.run_student_steps, dataset_size=4, extra={
-        'num_epochs: 400': 'num_epochs: 2', 'iterations_per_epoch: 72': 'iterations_per_epoch: 1',
-        'push_every_epochs: 5': 'push_every_epochs: 1'})
+    extra = {'num_epochs: 400': 'num_epochs: 2', 'iterations_per_epoch: 72': 'iterations_per_epoch: 1'}
+    if strategy in ('mb_dfkd', 'lrwa_mb'):
+        extra['push_every_epochs: 5'] = 'push_every_epochs: 1'
+    text = work.config_text(strategy, sizes.run_batch_size, sizes.run_student_steps, extra=extra, dataset_size=4)
     path = folder / 'run.yaml'
     path.write_text(text)
     return path
@@ -407,35 +448,55 @@ def cli_command(device: torch.device, *extra: str) -> list[str]:
             '--dst_ckpt', 'out/student.pt', *extra]
 
 
-def determinism(args: argparse.Namespace, device: torch.device, sizes: Sizes, work: Workspace) -> dict[str, Any]:
-    """4. Two -deterministic runs (at once, each in its own folder with the same relative paths), bit for bit."""
-    folders = [work.root / 'determinism' / name for name in 'ab']
-    for folder in folders:
-        short_run_config(work, sizes, folder)
-    command = [sys.executable, '-m', 'lrwa_plugin', *cli_command(device, '-deterministic')]
-    processes = [subprocess.Popen(command, cwd=folder, env=child_env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for folder in folders]
-    outputs = [process.communicate(timeout=sizes.timeout_s)[0] for process in processes]
-    record: dict[str, Any] = {'command': ' '.join(['python', *command[1:]]), 'config': 'cifar100/lrwa_mb.yaml, '
-                              f'2 epochs x 1 iteration, batch {sizes.run_batch_size}, {sizes.run_student_steps} '
-                              'student step(s), memory pushed after each epoch',
-                              'returncodes': [process.returncode for process in processes]}
-    if any(process.returncode != 0 for process in processes):
-        failed = next(i for i, process in enumerate(processes) if process.returncode != 0)
-        return {**record, 'status': 'failed', 'identical': None,
-                'error': f'run {"ab"[failed]} exited {processes[failed].returncode}', 'output_tail': tail(
-                    outputs[failed])}
+def compare_runs(folders: list[Path]) -> str | None:
+    """The first difference between two finished runs' training states and best students, or None."""
     states = [read_training_state(folder / 'out' / 'student.last.pt') for folder in folders]
     students = [load_state_dict_file(folder / 'out' / 'student.pt') for folder in folders]
-    difference = (first_difference(states[0]['box'], states[1]['box'], 'box')
-                  or first_difference(states[0]['ranks'], states[1]['ranks'], 'ranks')
-                  or first_difference(states[0]['history'], states[1]['history'], 'history')
-                  or first_difference(students[0], students[1], 'best student'))
-    record.update(identical=difference is None, first_difference=difference,
-                  position=[states[0]['epoch'], states[0]['iteration']],
-                  compared='training states (box: student, generator, optimizers, schedulers; ranks: memory, random '
-                           'streams; history) and the best-student checkpoints')
-    record['status'] = 'passed' if difference is None else 'failed'
+    return (first_difference(states[0]['box'], states[1]['box'], 'box')
+            or first_difference(states[0]['ranks'], states[1]['ranks'], 'ranks')
+            or first_difference(states[0]['history'], states[1]['history'], 'history')
+            or first_difference(students[0], students[1], 'best student'))
+
+
+def determinism(args: argparse.Namespace, device: torch.device, sizes: Sizes, work: Workspace) -> dict[str, Any]:
+    """4. Two -deterministic runs of each config, all at once, each in its own folder with the same relative paths
+    (so the configs and paths they record are the same), compared bit for bit."""
+    command = [sys.executable, '-m', 'lrwa_plugin', *cli_command(device, '-deterministic')]
+    folders = {strategy: [work.root / 'determinism' / strategy / name for name in 'ab']
+               for strategy in sizes.determinism_configs}
+    for pair in folders.values():
+        for folder in pair:
+            short_run_config(work, sizes, folder.parent.name, folder)
+    processes = {strategy: [start(command, folder) for folder in pair] for strategy, pair in folders.items()}
+    try:
+        outputs = {strategy: [finish(process, sizes.timeout_s) for process in pair]
+                   for strategy, pair in processes.items()}
+    finally:
+        for pair in processes.values():
+            for process in pair:
+                end(process)
+    runs = []
+    for strategy, pair in processes.items():
+        output = outputs[strategy]
+        run: dict[str, Any] = {'config': f'cifar100/{strategy}', 'returncodes': [p.returncode for p in pair]}
+        runs.append(run)
+        failed = [i for i, process in enumerate(pair) if process.returncode != 0]
+        if failed:
+            run.update(identical=None, error=f'run {"ab"[failed[0]]} exited {pair[failed[0]].returncode}',
+                       output_tail=tail(output[failed[0]]))
+            continue
+        difference = compare_runs(folders[strategy])
+        run.update(identical=difference is None, first_difference=difference)
+    identical = None if any(run['identical'] is None for run in runs) else all(run['identical'] for run in runs)
+    record = {'status': 'passed' if identical else 'failed', 'identical': identical, 'runs': runs,
+              'command': ' '.join(['python', *command[1:]]),
+              'setting': f'2 epochs x 1 iteration (the second replaying), batch {sizes.run_batch_size}, '
+                         f'{sizes.run_student_steps} student step(s), FakeData, a random teacher',
+              'compared': 'training states (box: student, generator, optimizers, schedulers; ranks: memory, random '
+                          'streams; history) and the best-student checkpoints'}
+    if not identical:
+        record['error'] = '; '.join(f'{run["config"]}: ' + (run.get('error') or f'differs at {run["first_difference"]}')
+                                    for run in runs if not run['identical'])
     return record
 
 
@@ -444,20 +505,20 @@ def ranks(args: argparse.Namespace, device: torch.device, sizes: Sizes, work: Wo
     if device.type == 'cuda' and torch.cuda.device_count() < 2:
         return {'status': 'skipped', 'reason': f'{torch.cuda.device_count()} GPU visible: two ranks need two'}
     folder = work.root / 'ranks'
-    short_run_config(work, sizes, folder)
+    short_run_config(work, sizes, 'lrwa_mb', folder)
     rank_device = torch.device('cuda') if device.type == 'cuda' else device  # each rank takes cuda:LOCAL_RANK
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
                str(free_port()), '-m', 'lrwa_plugin', *cli_command(rank_device, '--world_size', '2')]
-    result = subprocess.run(command, cwd=folder, env=child_env(), capture_output=True, text=True,
-                            timeout=sizes.timeout_s)
-    record: dict[str, Any] = {'backend': 'nccl' if device.type == 'cuda' else 'gloo', 'returncode': result.returncode,
+    process = start(command, folder)
+    output = finish(process, sizes.timeout_s)
+    record: dict[str, Any] = {'backend': 'nccl' if device.type == 'cuda' else 'gloo', 'returncode': process.returncode,
                               'command': ' '.join(['python', *command[1:]])}
-    if result.returncode != 0:
-        return {**record, 'status': 'failed', 'error': f'torchrun exited {result.returncode}',
-                'output_tail': tail(result.stdout + result.stderr)}
+    if process.returncode != 0:
+        return {**record, 'status': 'failed', 'error': f'torchrun exited {process.returncode}',
+                'output_tail': tail(output)}
     state = read_training_state(folder / 'out' / 'student.last.pt')
     record.update(world_size=state['world_size'], position=[state['epoch'], state['iteration']],
-                  summaries=result.stdout.count('Summary ['))
+                  summaries=output.count('Summary ['))
     ok = state['world_size'] == 2 and (state['epoch'], state['iteration']) == (2, 0) and record['summaries'] == 1
     record['status'] = 'passed' if ok else 'failed'
     if not ok:
@@ -474,97 +535,115 @@ TITLES = {'meta_tests': '1. Meta-step tests on the device', 'iterations': '2. Wh
 
 
 # ------------------------------------------------------------------------------------------------- report
-def environment(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+def environment(device: torch.device, args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     cuda = device.type == 'cuda'
-    return {'device': str(device), 'device_name': torch.cuda.get_device_name(device) if cuda else platform.processor()
-            or platform.machine(), 'gpus_visible': torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    name = torch.cuda.get_device_name(device) if cuda else f'{platform.processor() or platform.machine()} CPU'
+    return {'device': str(device), 'device_name': name,
+            'gpus_visible': torch.cuda.device_count() if torch.cuda.is_available() else 0,
             'torch': torch.__version__, 'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version(),
             'python': platform.python_version(), 'tiny': args.tiny, 'threads': torch.get_num_threads(),
             'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-            'command': ' '.join(['python', 'benchmarks/gpu_check.py', *sys.argv[1:]]) if __name__ == '__main__'
-            else None}
+            'command': ' '.join(['python', 'benchmarks/gpu_check.py', *argv])}
 
 
-def fmt(value: float | None, spec: str = '.3f') -> str:
+def fmt(value: float | None, spec: str) -> str:
     return '—' if value is None else format(value, spec)
+
+
+def section_lines(name: str, s: dict[str, Any]) -> list[str]:
+    """A section's Markdown body (its table or sentence; what failed and why)."""
+    if s['status'] == 'skipped':
+        return [f'Skipped: {s["reason"]}.']
+    lines = []
+    if name == 'meta_tests' and 'passed' in s:
+        lines += [f'`{s["command"]}`: {s["passed"]} passed, {s["failed"]} failed, {s["errors"]} errors, '
+                  f'{s["skipped"]} skipped.']
+    elif name == 'iterations' and 'rows' in s:
+        lines += [f'Median of {s["timed"]} timed iterations after {s["warmup"]} warm-up; {s["note"]}.', '',
+                  '| config | precision | batch | student steps | s / iteration | peak GiB | projected hours |',
+                  '|---|---|--:|--:|--:|--:|--:|']
+        for row in s['rows']:
+            if row['status'] == 'passed':
+                cells = f'{row["s_per_it"]:.3f} | {fmt(row["peak_gib"], ".2f")} | {row["projected_hours"]:.1f}'
+            else:
+                cells = f'{row["status"]}: {row.get("reason") or row.get("error", "")} | |'
+            lines.append(f'| `{row["config"]}` | {row["precision"]} | {row["batch_size"]} | {row["student_steps"]} | '
+                         f'{cells} |')
+    elif name == 'meta_step' and 'settings' in s:
+        lines += [f'Median of {s["steps"]} interleaved rounds after {s["warmup"]} warm-up, float32 (no TF32). '
+                  f'CPU reference: {s["cpu_reference"]}.', '',
+                  '| setting | student | acquisition + memory | step | ms | × plain | peak GiB |',
+                  '|---|---|--:|---|--:|--:|--:|']
+        for x in s['settings']:
+            for variant, v in x['variants'].items():
+                lines.append(f'| {x["name"]} | `{x["model"]}` | {x["acq_batch"]} + {x["mem_batch"]} | `{variant}` | '
+                             f'{v["median_s"] * 1e3:.1f} | {v["ratio_to_plain"]:.2f} | {fmt(v["peak_gib"], ".2f")} |')
+    elif name == 'determinism' and 'runs' in s:
+        lines += [f'`{s["command"]}`, twice per config: {s["setting"]}. Compared: {s["compared"]}.', '',
+                  '| config | identical | first difference |', '|---|---|---|']
+        lines += [f'| `{run["config"]}` | {run["identical"]} | {run.get("first_difference") or run.get("error", "")} |'
+                  for run in s['runs']]
+    elif name == 'ranks' and 'backend' in s:
+        lines += [f'`{s["command"]}` ({s["backend"]}): exit {s["returncode"]}'
+                  + (f', world size {s["world_size"]}, stopped at epoch {s["position"][0]}, iteration '
+                     f'{s["position"][1]}' if 'world_size' in s else '') + '.']
+    if s['status'] == 'failed':
+        lines += ['', f'**Failed**: {s.get("error", "")}']
+        detail = s.get('traceback') or s.get('output_tail') or next(
+            (run['output_tail'] for run in s.get('runs', []) if run.get('output_tail')), None)
+        if detail:
+            lines += ['', '```', detail, '```']
+    return lines
 
 
 def markdown(result: dict[str, Any]) -> str:
     env, sections = result['environment'], result['sections']
     lines = [f'# GPU acceptance run: {env["device_name"]}', '',
-             f'`{env["device"]}` ({env["gpus_visible"]} GPU(s) visible), torch {env["torch"]}, CUDA {env["cuda"]}, '
-             f'cuDNN {env["cudnn"]}, Python {env["python"]}, {env["date"]}' + (', **--tiny** sizes' if env['tiny']
-                                                                                else '') + '.', '',
-             'Written by `benchmarks/gpu_check.py` (its docstring says what each section does); the JSON beside this '
-             'file holds every number.', '', '| section | status | seconds |', '|---|---|--:|']
+             f'`{env["command"]}` on `{env["device"]}` ({env["gpus_visible"]} GPU(s) visible): torch {env["torch"]}, '
+             f'CUDA {env["cuda"]}, cuDNN {env["cudnn"]}, Python {env["python"]}, {env["date"]}'
+             + ('; **--tiny** sizes, not the paper\'s' if env['tiny'] else '') + f'; {result["seconds"]:.0f} s in all.',
+             '', 'What each section does: the docstring of `benchmarks/gpu_check.py`. Every number is in '
+             '`gpu_check.json` beside this file.', '', '| section | status | seconds |', '|---|---|--:|']
     lines += [f'| {TITLES[name]} | {s["status"]} | {s["seconds"]:.1f} |' for name, s in sections.items()]
+    skipped = [f'- {TITLES[name]}: {s["reason"]}' for name, s in sections.items() if s['status'] == 'skipped']
+    skipped += [f'- {TITLES["iterations"]}, `{row["config"]}` {row["precision"]}: {row["reason"]}'
+                for row in sections.get('iterations', {}).get('rows', []) if row['status'] == 'skipped']
+    if skipped:
+        lines += ['', 'Skipped:', '', *skipped]
     for name, s in sections.items():
-        lines += ['', f'## {TITLES[name]}', '']
-        if s['status'] == 'skipped':
-            lines.append(f'Skipped: {s["reason"]}.')
-            continue
-        if name == 'meta_tests':
-            lines += [f'`{s.get("command", "")}`: {s.get("passed", 0)} passed, {s.get("failed", 0)} failed, '
-                      f'{s.get("errors", 0)} errors.', '', '```', s.get('output_tail', ''), '```']
-        elif name == 'iterations' and 'rows' in s:
-            lines += [f'Median of {s["timed"]} timed iterations after {s["warmup"]} warm-up. {s["note"]}.', '',
-                      '| config | precision | batch | student steps | s / iteration | peak GiB | projected hours |',
-                      '|---|---|--:|--:|--:|--:|--:|']
-            for row in s['rows']:
-                if row['status'] == 'passed':
-                    lines.append(f'| `{row["config"]}` | {row["precision"]} | {row["batch_size"]} | '
-                                 f'{row["student_steps"]} | {row["s_per_it"]:.3f} | {fmt(row["peak_gib"], ".2f")} | '
-                                 f'{row["projected_hours"]:.1f} |')
-                else:
-                    why = row.get('reason') or row.get('error', '')
-                    lines.append(f'| `{row["config"]}` | {row["precision"]} | {row["batch_size"]} | '
-                                 f'{row["student_steps"]} | {row["status"]}: {why} | | |')
-        elif name == 'meta_step' and 'settings' in s:
-            lines += [f'Median of {s["steps"]} interleaved rounds after {s["warmup"]} warm-up, float32. CPU reference: '
-                      f'{s["cpu_reference"]}.', '', '| setting | student | acq + mem | step | ms | × plain | peak GiB |',
-                      '|---|---|--:|---|--:|--:|--:|']
-            for setting in s['settings']:
-                for variant, v in setting['variants'].items():
-                    lines.append(f'| {setting["name"]} | `{setting["model"]}` | {setting["acq_batch"]} + '
-                                 f'{setting["mem_batch"]} | `{variant}` | {v["median_s"] * 1e3:.1f} | '
-                                 f'{v["ratio_to_plain"]:.2f} | {fmt(v["peak_gib"], ".2f")} |')
-        elif name == 'determinism' and 'identical' in s:
-            lines += [f'{s["config"]}; `{s["command"]}` twice. Identical: **{s["identical"]}**'
-                      + (f' (first difference: `{s["first_difference"]}`)' if s.get('first_difference') else '')
-                      + (f'; compared: {s["compared"]}' if 'compared' in s else '') + '.']
-        elif name == 'ranks' and 'backend' in s:
-            lines += [f'`{s["command"]}` ({s["backend"]}): exit {s["returncode"]}'
-                      + (f', world size {s["world_size"]}, stopped at {s["position"]}' if 'world_size' in s else '')
-                      + '.']
-        if s['status'] == 'failed':
-            lines += ['', f'**Failed**: {s.get("error", "see below")}']
-            if s.get('output_tail') and name != 'meta_tests' or s.get('traceback'):
-                lines += ['', '```', s.get('traceback') or s['output_tail'], '```']
+        lines += ['', f'## {TITLES[name]}', '', *section_lines(name, s)]
     return '\n'.join(lines) + '\n'
 
 
 def summary(result: dict[str, Any]) -> str:
+    """The few lines printed at the end."""
     env, sections = result['environment'], result['sections']
     out = [f'gpu_check on {env["device"]} ({env["device_name"]}), torch {env["torch"]}, CUDA {env["cuda"]}'
-           + (', --tiny' if env['tiny'] else '')]
+           + (', --tiny sizes' if env['tiny'] else '') + f', {result["seconds"]:.0f} s']
     for name, s in sections.items():
         detail = s.get('reason') or s.get('error') or ''
         if name == 'meta_tests' and 'passed' in s:
-            detail = f'{s["passed"]} passed, {s["failed"]} failed'
+            detail = f'{s["passed"]} passed, {s["failed"]} failed, {s["errors"]} errors'
         elif name == 'iterations' and 'rows' in s:
-            detail = ', '.join(f'{row["config"].split("/")[1]} {row["precision"]} {row["s_per_it"]:.3f} s/it'
-                               for row in s['rows'] if row['status'] == 'passed')
+            by_config: dict[str, list[str]] = {}
+            for row in s['rows']:
+                by_config.setdefault(row['config'].split('/')[1], []).append(
+                    f'{row["s_per_it"]:.3f}' if row['status'] == 'passed' else row['status'][:4])
+            detail = 's/it float32/tf32/bfloat16: ' + ', '.join(f'{c} {"/".join(v)}' for c, v in by_config.items())
         elif name == 'meta_step' and 'settings' in s:
             detail = '; '.join(f'{x["name"]}: released/plain {x["released_over_plain"]:.2f}, lrwa/plain '
                                f'{x["lrwa_over_plain"]:.2f}' for x in s['settings'])
-        elif name == 'determinism' and s.get('identical') is not None:
-            detail = f'identical: {s["identical"]}'
+        elif name == 'determinism' and 'runs' in s:
+            detail = ', '.join(f'{run["config"].split("/")[1]} identical: {run["identical"]}' for run in s['runs'])
+        elif name == 'ranks' and 'world_size' in s:
+            detail = f'{s["backend"]}, world size {s["world_size"]}, exit {s["returncode"]}'
         out.append(f'  {name:<12} {s["status"]:<8} {s["seconds"]:6.1f} s  {detail}')
     out.append(f'failed: {", ".join(result["failed"]) or "none"}; wrote {result["files"][0]} and {result["files"][1]}')
     return '\n'.join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_argparser().parse_args(argv)
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -572,11 +651,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    logging.getLogger('torchdistill').setLevel(logging.WARNING)
+    torchdistill_logger = logging.getLogger('torchdistill')
+    level = torchdistill_logger.level
+    torchdistill_logger.setLevel(logging.WARNING)
     sizes = TINY if args.tiny else PAPER
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {'environment': environment(device, args), 'sections': {}}
+    result: dict[str, Any] = {'environment': environment(device, args, argv), 'sections': {}}
     start_all = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix='gpu_check_'))
     try:
@@ -593,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
             reset_peak(device)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        torchdistill_logger.setLevel(level)
     result['seconds'] = time.perf_counter() - start_all
     result['failed'] = [name for name, s in result['sections'].items() if s['status'] == 'failed']
     result['files'] = [str(out / 'gpu_check.json'), str(out / 'gpu_check.md')]

@@ -31,7 +31,7 @@ settings.load_profile('ci' if os.environ.get('CI') else 'dev')
 
 #: Fixtures that mean a test runs the real runner on a teacher checkpoint (a trained digits teacher, the paper-scale
 #: teachers) or a benchmark script end to end: such a test is ``e2e``.
-E2E_FIXTURES = ('teacher_dir', 'teacher_checkpoints', 'bench_meta_step')
+E2E_FIXTURES = ('teacher_dir', 'teacher_checkpoints', 'bench_meta_step', 'gpu_check')
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

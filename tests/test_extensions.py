@@ -17,7 +17,7 @@ from torchdistill.core.interfaces.registry import POST_FORWARD_PROC_FUNC_DICT, r
 from lrwa_plugin.errors import ConfigError
 from lrwa_plugin.registry import REPLAY_DICT, STRATEGY_DICT, register_replay, register_strategy
 from lrwa_plugin.replay import MemoryBank, Replayed, ReplayMemory
-from lrwa_plugin.run import cli, runner
+from lrwa_plugin.run import cli, loading, runner
 from lrwa_plugin.run.resume import read_training_state
 from lrwa_plugin.strategies import StepClosures, Strategy, loss_values
 
@@ -167,7 +167,7 @@ def test_a_run_modifies_neither_its_flags_nor_its_config(work, monkeypatch):
                                            '--dst_ckpt', 'out/student.pt'])
     before = argparse.Namespace(**vars(args))
     run = runner.set_up(config_path, args)
-    fresh = runner.load_config(config_path)
+    fresh = loading.load_config(config_path)
     runner.execute(run)
     assert vars(args) == vars(before)
     for block in ('train', 'models', 'test'):

@@ -36,7 +36,8 @@ from ..precision import AMP_DTYPES
 from ..util import first_line
 from .distributed import World, destroy, init_distributed
 from .files import check_writable
-from .runner import load_config, run_config
+from .loading import load_config
+from .runner import run_config
 from .stopping import RunStopped, interruptible
 
 logger = def_logger.getChild(__name__)

@@ -25,19 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
-from torchdistill.common import yaml_util
 from torchdistill.common.constant import def_logger
 from torchdistill.common.main_util import import_dependencies, set_seed
 from torchdistill.core.distillation import get_distillation_box
 from torchdistill.core.training import get_training_box
 from torchdistill.datasets.util import build_data_loader
-from torchdistill.models.official import get_image_classification_model
-from torchdistill.models.registry import MODEL_DICT, get_model
 
 from ..box import DataFreeDistillationBox
-from ..config.checks import check_kwargs
 from ..config.data_free import DataFreeConfig, validate_config
 from ..errors import ConfigError
 from ..precision import Precision, set_backend_flags, to_channels_last
@@ -46,6 +41,7 @@ from .checkpoint import load_weights_strictly
 from .distributed import World, any_rank, barrier, broadcast_float, device_for
 from .evolution import evolution_path, write_evolution
 from .files import RunLock, check_writable
+from .loading import has_weights, load_config, load_model
 from .resume import (
     Position,
     check_same_run,
@@ -87,57 +83,6 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------------------ set-up
-def load_config(path: str | os.PathLike) -> dict:
-    """Loads a torchdistill YAML (running its ``!import_call`` tags); a file that cannot be is a ConfigError."""
-    path = os.path.expanduser(str(path))
-    if not os.path.isfile(path):
-        raise ConfigError('--config', f"file '{path}' does not exist")
-    try:
-        config = yaml_util.load_yaml_file(path)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
-        what = error.problem or error.context or first_line(error)
-        raise ConfigError('--config', f"'{path}' is not valid YAML: {what}{where}") from error
-    except (yaml.YAMLError, ImportError, AttributeError, ValueError, TypeError, KeyError, OSError) as error:
-        # Loading runs the !import_call / !import_get tags (datasets, transforms): a wrong name fails here.
-        raise ConfigError('--config', f"'{path}' could not be loaded: {first_line(error)}") from error
-    if not isinstance(config, dict):
-        raise ConfigError('--config', f"'{path}' is not a YAML mapping")
-    return config
-
-
-def load_model(model_config: dict, role: str, device: torch.device, distributed: bool) -> nn.Module:
-    """Builds ``models.<role>`` (torchvision first, then torchdistill's registry) and loads ``src_ckpt`` strictly."""
-    if 'key' not in model_config:
-        raise ConfigError(f'models.{role}', 'missing key `key` (the registered model name)')
-    kwargs = model_config.get('kwargs') or {}
-    factory = MODEL_DICT.get(model_config['key'])
-    if factory is not None:  # a registered model: its arguments checked by name and type before it is built
-        check_kwargs(factory, kwargs, f'models.{role}.kwargs', model_config['key'])
-    try:
-        model = get_image_classification_model(model_config, distributed)
-        if model is None:
-            model = get_model(model_config['key'], model_config.get('repo_or_dir'), **kwargs)
-    except ConfigError as error:  # the model's own check: its path names the argument
-        raise error.under(f'models.{role}.kwargs') from error
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as error:
-        raise ConfigError(f'models.{role}', first_line(error, limit=None)) from error
-    src_ckpt = model_config.get('src_ckpt')
-    if src_ckpt is not None:
-        # torchdistill only logs a missing src_ckpt and trains on: here it is an error.
-        what = f'models.{role}.src_ckpt'
-        try:
-            load_weights_strictly(model, os.path.expanduser(src_ckpt), what='')
-        except (FileNotFoundError, ValueError) as error:
-            raise ConfigError(what, first_line(error, limit=None)) from error
-    return model.to(device)
-
-
-def _has_weights(model_config: dict) -> bool:
-    return model_config.get('src_ckpt') is not None or model_config.get('kwargs', {}).get('checkpoint_path') is not None
-
-
 def build_trainer(teacher: nn.Module | None, student: nn.Module, config: dict, data_free: DataFreeConfig | None,
                   device: torch.device, world: World, args: argparse.Namespace, student_key: str) -> Trainer:
     """The training box and its trainer: data-free when ``train.strategy`` is set, else torchdistill's own.
@@ -256,7 +201,7 @@ def _student_output(config: dict, args: argparse.Namespace, data_free: bool) -> 
 def _load_teacher(config: dict, data_free: bool, device: torch.device, world: World) -> nn.Module | None:
     """``models.teacher_model`` with its weights (a data-free run refuses a teacher without any)."""
     teacher_config = config.get('models', {}).get('teacher_model')
-    if data_free and (teacher_config is None or not _has_weights(teacher_config)):
+    if data_free and (teacher_config is None or not has_weights(teacher_config)):
         raise ConfigError('models.teacher_model', 'a data-free run needs a trained teacher: give src_ckpt '
                                                   '(or kwargs.checkpoint_path for timm_model)')
     return None if teacher_config is None else load_model(teacher_config, 'teacher_model', device, world.distributed)
