@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -263,6 +263,14 @@ class LearnToRetainWhileAcquiring(Strategy):
                                        "alpha_per_lr × the student's learning rate)")
         self.alpha_per_lr = None if alpha_per_lr is None else finite(alpha_per_lr, 'alpha_per_lr', low=0)
         self.meta = RetainWhileAcquire(alpha, backend=backend, order=order, inner_bn=inner_bn, fd_eps=fd_eps)
+
+    @classmethod
+    def check_config(cls, kwargs: dict[str, Any], config: Any) -> None:
+        """A setting the chosen order does not read is a mistake: ``fd_eps`` is only read by ``finite_difference``."""
+        order = kwargs.get('order', DEFAULT_ORDER)
+        if 'fd_eps' in kwargs and order != 'finite_difference':
+            raise ConfigError('fd_eps', f"is only read with order 'finite_difference', not {order!r}: remove it, or "
+                                        "set order: 'finite_difference'")
 
     def alpha(self, lr: float | None) -> float:
         """This step's α: the constant, or ``alpha_per_lr × lr``."""

@@ -254,3 +254,18 @@ def test_a_state_resumed_under_another_runs_dst_ckpt_is_refused_and_both_runs_ke
     assert run_cli(longer, '--resume', 'mine/mine.last.pt', '--dst_ckpt', 'mine/mine.pt') == 0
     assert read_training_state(work / 'mine' / 'mine.last.pt')['epoch'] == 2
     assert snapshot(theirs) == before[0]
+
+
+def test_resuming_a_state_with_nothing_left_to_train_is_refused(finished: Path, work: Path, capsys) -> None:
+    """A finished 2-epoch state resumed with num_epochs 1 (or 2): no training to do, so no silent exit 0."""
+    two = write_config(finished, work / 'two.yaml', {'num_epochs: 1': 'num_epochs: 2'})
+    assert run_cli(two, '--dst_ckpt', 'out/student.pt', '--resume', 'out/student.last.pt') == 0  # extended to 2
+    for config in (finished, two):
+        before = snapshot(work / 'out')
+        capsys.readouterr()
+        assert run_cli(config, '--dst_ckpt', 'out/student.pt', '--resume', 'out/student.last.pt') == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --resume: the training state 'out/student.last.pt' is at the end of epoch 1, "
+                              'and train.num_epochs is ') and 'nothing is left to train' in err \
+            and err.count('\n') == 1, err
+        assert snapshot(work / 'out') == before

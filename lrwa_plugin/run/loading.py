@@ -10,6 +10,8 @@ kwargs, or a checkpoint that does not fit is one :class:`~lrwa_plugin.errors.Con
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
+from typing import Any
 
 import torch
 import yaml
@@ -29,6 +31,7 @@ def load_config(path: str | os.PathLike) -> dict:
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise ConfigError('--config', f"file '{path}' does not exist")
+    _refuse_duplicate_keys(path)
     try:
         config = yaml_util.load_yaml_file(path)
     except yaml.MarkedYAMLError as error:
@@ -42,6 +45,50 @@ def load_config(path: str | os.PathLike) -> dict:
     if not isinstance(config, dict):
         raise ConfigError('--config', f"'{path}' is not a YAML mapping")
     return config
+
+
+class _KeyCounter(yaml.SafeLoader):
+    """Reads a YAML text without running its tags, to find a key given twice in one mapping (PyYAML keeps the last
+    one silently: a user who pasted a block would see one value and train with the other)."""
+
+
+def _tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key == '<<' or not isinstance(key, Hashable):
+            continue
+        if key in seen:
+            raise _DuplicateKey(f'key {key!r} is given twice in one mapping (lines {seen[key]} and '
+                                f'{key_node.start_mark.line + 1}); YAML keeps only the last')
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+_KeyCounter.add_multi_constructor('!', _tagged)
+_KeyCounter.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _refuse_duplicate_keys(path: str) -> None:
+    try:
+        with open(path, encoding='utf-8') as f:
+            yaml.load(f, Loader=_KeyCounter)
+    except _DuplicateKey as error:
+        raise ConfigError('--config', f"'{path}': {error}") from error
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return  # not YAML that this check can read: the real load says what is wrong
 
 
 def load_model(model_config: dict, role: str, device: torch.device, distributed: bool) -> nn.Module:

@@ -159,6 +159,11 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
         trainer.prepare()
     if state is not None:  # last: it sets the random streams the first step draws from
         run.position = restore_training_state(state, trainer.box, world)
+        if run.position.epoch >= trainer.box.num_epochs:  # refused before anything is written
+            raise ConfigError('--resume', f"the training state '{args.resume}' is at the end of epoch "
+                                          f'{run.position.epoch - 1}, and train.num_epochs is '
+                                          f'{trainer.box.num_epochs}: nothing is left to train; raise '
+                                          'train.num_epochs to extend the run, or test its student with -test_only')
         logger.info(f'Resuming at epoch {run.position.epoch}, iteration {run.position.iteration}')
     return run
 
