@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..precision import AMP_DTYPES
 from ..util import atomic_write_text, listed
 from .evolution import (
@@ -50,6 +51,7 @@ from .evolution import (
     summarise,
     summary_markdown,
 )
+from .loading import config_digest
 
 #: The runner every run is a process of: the installed package's command line (``python -m lrwa_plugin``).
 RUNNER = ('-m', 'lrwa_plugin')
@@ -75,19 +77,43 @@ def get_argparser() -> argparse.ArgumentParser:
     parser.add_argument('--jobs', type=int, help='runs at once (default: the CPU count over --threads)')
     parser.add_argument('--amp', choices=sorted(AMP_DTYPES),
                         help="every run's --amp (mixed precision; recorded in its result.json)")
+    parser.add_argument('--adopt_legacy', action='store_true',
+                        help="record the current config's digest in finished runs that have none (written before "
+                             'digests existed), once you have checked the configs are the ones they ran')
     return parser
 
 
+def _reusable(record: dict, run_dir: Path, digest: str, threads: int, amp: str | None, adopt: bool) -> dict:
+    """A finished run's record, if it was made by this config, thread count and precision; else one line, exit 2.
+    A record written before digests existed is reused only after ``--adopt_legacy`` has recorded the digest."""
+    problems = []
+    if 'config_digest' not in record:
+        if not adopt:
+            raise ConfigError('--out', f'{run_dir} holds a finished run without a config digest (written before '
+                                       'digests existed); if its config is unchanged since, add --adopt_legacy to '
+                                       'record it, else give another --out')
+        record = {**record, 'config_digest': digest}
+        atomic_write_text(run_dir / 'result.json', json.dumps(record, indent=2) + '\n')
+    if record['config_digest'] != digest:
+        problems.append(f"its config changed since (digest {record['config_digest'][:12]} -> {digest[:12]})")
+    if record.get('threads') != threads:
+        problems.append(f"--threads {record.get('threads')} -> {threads} (results change with the thread count)")
+    if record.get('amp') != amp:
+        problems.append(f"--amp {record.get('amp') or 'none'} -> {amp or 'none'}")
+    if problems:
+        raise ConfigError('--out', f"{run_dir} holds a finished run of another setting ({'; '.join(problems)}); "
+                                   'give another --out, or remove that folder to run it again')
+    return record
+
+
 def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str | None = None,
-            sample_grids: bool = False, threads: int = 1, amp: str | None = None) -> dict:
-    """Runs one config with one seed in a subprocess unless it finished before; returns its result record."""
+            sample_grids: bool = False, threads: int = 1, amp: str | None = None, adopt: bool = False) -> dict:
+    """Runs one config with one seed in a subprocess unless it finished before with the same config, thread count
+    and precision; returns its result record."""
     result_path = run_dir / 'result.json'
+    digest = config_digest(config)
     if result_path.is_file():
-        record = json.loads(result_path.read_text())
-        if record.get('amp') != amp:
-            raise SystemExit(f"error: --amp: {run_dir} holds a finished run with --amp {record.get('amp') or 'none'}, "
-                             f"not {amp or 'none'}; give another --out")
-        return record
+        return _reusable(json.loads(result_path.read_text()), run_dir, digest, threads, amp, adopt)
     run_dir.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, *((runner,) if runner else RUNNER), '--config', str(config), '--seed', str(seed),
                '--device', device, '--dst_ckpt', str(run_dir / 'student.pt'), '--run_log', str(run_dir / 'log.txt'),
@@ -100,7 +126,8 @@ def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str | N
         _, wait_status, usage = os.wait4(process.pid, 0)
         process.returncode = status = os.waitstatus_to_exitcode(wait_status)
     record = {'config': str(config), 'seed': seed, 'exit_status': status, 'seconds': time.time() - start,
-              'cpu_seconds': usage.ru_utime + usage.ru_stime, 'threads': threads, **({'amp': amp} if amp else {})}
+              'cpu_seconds': usage.ru_utime + usage.ru_stime, 'threads': threads, **({'amp': amp} if amp else {}),
+              'config_digest': digest}
     if status == 0:
         atomic_write_text(result_path, json.dumps(record, indent=2) + '\n')
     return record
@@ -108,19 +135,25 @@ def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str | N
 
 def compare(configs: Sequence[str | Path], seeds: Sequence[int], out: str | Path, device: str = 'cpu',
             runner: str | None = None, baseline: str | Path | None = None, sample_grids: bool = False,
-            name: str = 'summary', threads: int = 1, jobs: int = 1, amp: str | None = None) -> dict:
+            name: str = 'summary', threads: int = 1, jobs: int = 1, amp: str | None = None,
+            adopt: bool = False) -> dict:
     """Runs every config with every seed (``jobs`` at once, each on ``threads`` CPU threads, ``amp``: their
-    ``--amp``), then writes the
-    summary files; returns what ``NAME.json`` holds."""
+    ``--amp``), then writes the summary files; returns what ``NAME.json`` holds. Finished runs are reused only if they
+    were made by the same config, thread count and precision: that is checked for all of them before any run starts
+    (:class:`~lrwa_plugin.errors.ConfigError` otherwise)."""
     out = Path(out)
     evolutions: dict[str, list[dict]] = {}
     seconds: dict[str, float] = {}
     cpu_seconds: dict[str, float] = {}
     failures = []
     runs = [(config, seed, out / config.stem / f'seed{seed}') for config in map(Path, configs) for seed in seeds]
+    for config, _, run_dir in runs:  # every finished run checked before any run starts
+        if (run_dir / 'result.json').is_file():
+            _reusable(json.loads((run_dir / 'result.json').read_text()), run_dir, config_digest(config), threads, amp,
+                      adopt)
 
     def run(config: Path, seed: int, run_dir: Path) -> dict:
-        record = run_one(config, seed, run_dir, device, runner, sample_grids, threads, amp)
+        record = run_one(config, seed, run_dir, device, runner, sample_grids, threads, amp, adopt)
         print(f"{config.stem} seed {seed}: exit {record['exit_status']}, {record['seconds']:.0f} s", flush=True)
         return record
 
@@ -177,8 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f'error: --{key}: expected a positive integer, got {getattr(args, key)}', file=sys.stderr)
             return 2
     jobs = args.jobs if args.jobs is not None else max(1, (os.cpu_count() or 1) // args.threads)
-    summary = compare(args.configs, args.seeds, args.out, args.device, args.runner, args.baseline,
-                      args.sample_grids, args.name, args.threads, jobs, args.amp)
+    try:
+        summary = compare(args.configs, args.seeds, args.out, args.device, args.runner, args.baseline,
+                          args.sample_grids, args.name, args.threads, jobs, args.amp, args.adopt_legacy)
+    except ConfigError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
     paired = summary.get('paired')
     print(summary_markdown(summary['configs'], None if paired is None else paired['configs'],
                            None if paired is None else paired['baseline'], summary['seconds']))

@@ -9,8 +9,11 @@ kwargs, or a checkpoint that does not fit is one :class:`~lrwa_plugin.errors.Con
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,17 +50,37 @@ def load_config(path: str | os.PathLike) -> dict:
     return config
 
 
-class _KeyCounter(yaml.SafeLoader):
-    """Reads a YAML text without running its tags, to find a key given twice in one mapping (PyYAML keeps the last
-    one silently: a user who pasted a block would see one value and train with the other)."""
+class PlainLoader(yaml.SafeLoader):
+    """Reads torchdistill YAML without running its ``!import_call`` tags: a tag becomes ``{'!tag': value}``."""
 
 
-def _tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+def _construct_tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
     if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)
-    if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node, deep=True)
-    return loader.construct_scalar(node)
+        value: Any = loader.construct_mapping(node, deep=True)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_scalar(node)
+    return {f'!{suffix}': value}
+
+
+PlainLoader.add_multi_constructor('!', _construct_tagged)
+
+
+def read_plain(text: str) -> Any:
+    """A config's text as plain data (its tags not run): what two configs are compared by."""
+    return yaml.load(text, Loader=PlainLoader)
+
+
+def config_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a config as plain data (comments and layout do not count; every value does)."""
+    data = read_plain(Path(os.path.expanduser(os.fspath(path))).read_text(encoding='utf-8'))
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode('utf-8')).hexdigest()
+
+
+class _KeyCounter(PlainLoader):
+    """Finds a key given twice in one mapping (PyYAML keeps the last one silently: a user who pasted a block would
+    see one value and train with the other)."""
 
 
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -77,7 +100,6 @@ class _DuplicateKey(Exception):
     pass
 
 
-_KeyCounter.add_multi_constructor('!', _tagged)
 _KeyCounter.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 

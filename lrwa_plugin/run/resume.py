@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from ..errors import ConfigError
 from ..util import first_line
 from .checkpoint import atomic_save, describe_read_error
 from .distributed import World, gather_to_main
+from .loading import read_plain
 
 FORMAT = 'lrwa_plugin.training_state'
 VERSION = 1
@@ -120,21 +120,6 @@ def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-class _TagTolerantLoader(yaml.SafeLoader):
-    """Parses torchdistill YAML without running its ``!import_call`` tags: a tag becomes ``{'!tag': value}``."""
-
-
-def _construct_tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
-    if isinstance(node, yaml.MappingNode):
-        value: Any = loader.construct_mapping(node, deep=True)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_scalar(node)
-    return {f'!{suffix}': value}
-
-
-_TagTolerantLoader.add_multi_constructor('!', _construct_tagged)
 
 
 def _differences(saved: Any, current: Any, path: str = '') -> list[str]:
@@ -171,8 +156,7 @@ def check_state_belongs(state_path: str | os.PathLike, dst_ckpt: str, dst_key: s
 def check_same_run(state: dict[str, Any], config_text: str, seed: int | None, world: World, path: str,
                    amp: str | None = None) -> None:
     """Refuses a state written by another config, seed, number of processes or precision, listing what differs."""
-    differences = _differences(yaml.load(state['config'], Loader=_TagTolerantLoader),
-                               yaml.load(config_text, Loader=_TagTolerantLoader))
+    differences = _differences(read_plain(state['config']), read_plain(config_text))
     if seed is not None and seed != state['seed']:
         differences.append(f"--seed: {state['seed']} -> {seed}")
     if world.size != state['world_size']:
