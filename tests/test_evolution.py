@@ -10,7 +10,14 @@ from conftest import DIGITS_CONFIGS, SHORT_RUN, run_cli, write_config
 from PIL import Image
 
 from lrwa_plugin.run.compare import main as compare_main
-from lrwa_plugin.run.evolution import DEFINITION, PAIRED_DEFINITION, evolution_stats, summarise, summary_markdown
+from lrwa_plugin.run.evolution import (
+    DEFINITION,
+    PAIRED_DEFINITION,
+    evolution_stats,
+    summarise,
+    summary_markdown,
+    write_evolution,
+)
 
 
 def test_statistics_of_a_known_accuracy_list():
@@ -126,6 +133,35 @@ def test_compare_runs_configs_and_writes_the_three_files(work, capsys):
     assert compare_main(argv) == 0
     assert all(p.stat().st_mtime == t for p, t in stamps.items())
     assert not math.isnan(summary['configs']['lrwa_mb']['final']['mean'])
+
+
+def test_compare_reuses_a_finished_run_only_for_the_same_config_threads_and_precision(tmp_path, capsys):
+    """A finished run is never silently reused for an edited config, another thread count or another --amp; one
+    written before digests existed is reused once --adopt_legacy has recorded its digest. Nothing runs here: every
+    case is refused (or reused) before a run would start."""
+    config = write_config(DIGITS_CONFIGS / 'mb_dfkd.yaml', tmp_path / 'arm.yaml', {})
+    run_dir = tmp_path / 'out' / 'arm' / 'seed0'
+    run_dir.mkdir(parents=True)
+    write_evolution(run_dir / 'student.pt', [50.0, 60.0], str(config), 0)
+    legacy = {'config': str(config), 'seed': 0, 'exit_status': 0, 'seconds': 1.0, 'cpu_seconds': 1.0, 'threads': 1}
+    (run_dir / 'result.json').write_text(json.dumps(legacy))
+    argv = ['--configs', str(config), '--seeds', '0', '--out', str(tmp_path / 'out')]
+
+    def refused(*extra: str) -> str:
+        capsys.readouterr()
+        assert compare_main([*argv, *extra]) == 2
+        return capsys.readouterr().err
+
+    assert 'without a config digest' in refused() and '--adopt_legacy' in refused()
+    assert compare_main([*argv, '--adopt_legacy']) == 0  # reused as it is: nothing ran
+    record = json.loads((run_dir / 'result.json').read_text())
+    assert record['config_digest'] and record['seconds'] == 1.0 and not (run_dir / 'student.pt').exists()
+    assert '--threads 1 -> 2' in refused('--threads', '2')
+    assert '--amp none -> bfloat16' in refused('--amp', 'bfloat16')
+    write_config(config, config, {'lr: 0.1,': 'lr: 0.05,'})  # the config edited after its run finished
+    err = refused()
+    assert err.startswith(f'error: --out: {run_dir} holds a finished run of another setting (its config changed '
+                          'since (digest ') and err.count('\n') == 1, err
 
 
 def test_the_same_seed_gives_every_arm_the_same_initial_student_and_generator(work):
