@@ -208,6 +208,13 @@ CASES: list[tuple[str, str, dict[str, str], str, str, Callable[[Path], None] | N
      'train.criterion.kwargs.sub_terms.l1.weight', "got 'abc'", None),
     ('student loss unknown', 'lrwa_mb', {"key: 'LogitsL1Loss'": "key: 'LogitsL1Los'"},
      'train.criterion.kwargs.sub_terms.l1.criterion.key', "did you mean 'LogitsL1Loss'", None),
+    ('student learning rate scheduled negative', 'mb_dfkd',
+     {"key: 'CosineAnnealingLR'\n    kwargs: {T_max: 12}": "key: 'ExponentialLR'\n    kwargs: {gamma: -1.0}"},
+     'train.scheduler', 'the learning rate it schedules becomes negative (-0.1 after 1 of the run', None),
+    ('generator learning rate scheduled negative', 'lrwa_mb', {
+        '      steps: 1': "      steps: 1\n      scheduler: {key: 'LambdaLR', kwargs: {lr_lambda: !import_get {key: "
+                         "'operator.neg'}}}"},
+     'train.data_free.generator.scheduler', 'becomes negative', None),
     ('student scheduler unknown', 'lrwa_mb', {"key: 'CosineAnnealingLR'": "key: 'CosineAnnealingLRR'"},
      'train.scheduler.key', "did you mean 'CosineAnnealingLR'", None),
     ('student scheduler T_max zero', 'lrwa_mb', {'kwargs: {T_max: 12}': 'kwargs: {T_max: 0}'},

@@ -252,20 +252,30 @@ def check_optimizer(block: Any, path: str, parameters: Sequence[nn.Parameter] | 
 
 
 def check_scheduler(block: Any, path: str, optimizer: torch.optim.Optimizer, steps: int = 1) -> None:
-    """``{key, kwargs}`` of a scheduler; stepped ``steps`` times on a dummy optimizer, as some schedulers read their
-    arguments only when stepping."""
+    """``{key, kwargs}`` of a scheduler; stepped ``steps`` times on a dummy optimizer, as the run will step it (some
+    schedulers read their arguments only when stepping), and refused if the learning rate it schedules ever becomes
+    negative: that would be gradient ascent, which trains to nothing."""
     block = mapping(block, path)
     key, kwargs = _key_kwargs(check_component(block, path, SCHEDULER_DICT, 'scheduler'))
     require(block, 'kwargs', path, 'a mapping; {} for none')
 
-    def build() -> None:
+    def lowest_lr() -> float:
+        return min(float(group['lr']) for group in optimizer.param_groups)
+
+    def build() -> tuple[float, int]:
+        lowest = (lowest_lr(), 0)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             scheduler = SCHEDULER_DICT[key](optimizer, **kwargs)
-            for _ in range(steps):
+            for step in range(1, steps + 1):
                 scheduler.step(*([1.0] if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else []))
+                lowest = min(lowest, (lowest_lr(), step))
+        return lowest
 
-    dry_build(f'{path}.kwargs', key, build)
+    lr, step = dry_build(f'{path}.kwargs', key, build)
+    if lr < 0:
+        raise ConfigError(path, f'the learning rate it schedules becomes negative ({lr:g} after {step} of the run\'s '
+                                f'{steps} scheduler steps): that is gradient ascent; keep it >= 0')
 
 
 def _named_init_parameters(cls: type) -> list[str]:

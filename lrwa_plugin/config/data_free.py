@@ -228,7 +228,7 @@ def check_data_free(config: DataFreeConfig) -> None:
     optimizer = check_optimizer(optimizer_block, generator.optimizer.path)
     if generator.scheduler is not None:
         check_scheduler({'key': generator.scheduler.key, 'kwargs': generator.scheduler.kwargs},
-                        generator.scheduler.path, optimizer)
+                        generator.scheduler.path, optimizer, steps=config.num_epochs)  # stepped once an epoch
     check_criterion(generator.criterion, 'train.data_free.generator.criterion', 'the generator loss terms')
     if config.replay is not None:
         _check_built(config.replay, REPLAY_DICT[config.replay.key], config)
