@@ -269,3 +269,31 @@ def test_resuming_a_state_with_nothing_left_to_train_is_refused(finished: Path, 
                               'and train.num_epochs is ') and 'nothing is left to train' in err \
             and err.count('\n') == 1, err
         assert snapshot(work / 'out') == before
+
+
+def test_a_state_pins_its_teacher_and_thread_count(finished: Path, work: Path, capsys) -> None:
+    """Resuming with another teacher (same config, other weights) or another CPU thread count is refused in one
+    line: either changes what the run computes."""
+    state = read_training_state(work / 'out' / 'student.last.pt')
+    assert len(state['teacher_digest']) == 64 and state['threads'] == torch.get_num_threads()
+    longer = write_config(finished, work / 'longer.yaml', {'num_epochs: 1': 'num_epochs: 2'})
+    teacher = work / 'resource' / 'ckpt' / 'digits' / 'teacher.pt'
+    weights = torch.load(teacher, weights_only=True)
+    original = teacher.read_bytes()
+    key = next(k for k, v in weights['model'].items() if v.is_floating_point())
+    weights['model'][key] = weights['model'][key] + 1.0
+    torch.save(weights, teacher)
+    before = snapshot(work / 'out')
+    capsys.readouterr()
+    assert run_cli(longer, '--dst_ckpt', 'out/student.pt', '--resume', 'out/student.last.pt') == 2
+    assert "was written by a different run (teacher's weights: " in capsys.readouterr().err
+    teacher.write_bytes(original)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert run_cli(longer, '--dst_ckpt', 'out/student.pt', '--resume', 'out/student.last.pt') == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert f'(CPU threads: {threads} -> {threads + 1})' in capsys.readouterr().err
+    assert snapshot(work / 'out') == before
+    assert run_cli(longer, '--dst_ckpt', 'out/student.pt', '--resume', 'out/student.last.pt') == 0

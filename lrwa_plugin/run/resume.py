@@ -25,6 +25,7 @@ number of processes is refused with a message listing what differs.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..util import first_line
@@ -87,9 +89,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- writing
+def run_identity(teacher: nn.Module | None) -> dict[str, Any]:
+    """What a state pins beyond its config and seed: the teacher's weights (a SHA-256 of every tensor of its state
+    dict) and the CPU thread count (float sums reorder with it, so results do)."""
+    digest = hashlib.sha256()
+    for name, tensor in ({} if teacher is None else teacher.state_dict()).items():
+        digest.update(name.encode('utf-8'))
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {'teacher_digest': digest.hexdigest(), 'threads': torch.get_num_threads()}
+
+
 def save_training_state(path: str | os.PathLike, box: Any, position: Position, world: World, config_text: str,
-                        seed: int | None) -> None:
-    """Gathers every rank's part to rank 0, which writes the state atomically (collective: call on every rank)."""
+                        seed: int | None, identity: dict[str, Any] | None = None) -> None:
+    """Gathers every rank's part to rank 0, which writes the state atomically (collective: call on every rank);
+    ``identity``: :func:`run_identity`."""
     replay = box.replay.state_dict() if box.replay is not None else None
     ranks = gather_to_main({'replay': replay, 'rng': rng_state()}, world)
     if not world.is_main:
@@ -97,7 +110,7 @@ def save_training_state(path: str | os.PathLike, box: Any, position: Position, w
     atomic_save({'format': FORMAT, 'version': VERSION, 'config': config_text, 'seed': seed,
                  'world_size': world.size, 'epoch': position.epoch, 'iteration': position.iteration,
                  'history': list(position.history), 'best': position.best, 'box': box.state_dict(),
-                 'ranks': ranks}, path)
+                 'ranks': ranks, **(identity or {})}, path)
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -154,13 +167,18 @@ def check_state_belongs(state_path: str | os.PathLike, dst_ckpt: str, dst_key: s
 
 
 def check_same_run(state: dict[str, Any], config_text: str, seed: int | None, world: World, path: str,
-                   amp: str | None = None) -> None:
-    """Refuses a state written by another config, seed, number of processes or precision, listing what differs."""
+                   amp: str | None = None, identity: dict[str, Any] | None = None) -> None:
+    """Refuses a state written by another config, seed, number of processes, precision, teacher or thread count,
+    listing what differs (a state written before it recorded the teacher and threads is checked without them)."""
     differences = _differences(read_plain(state['config']), read_plain(config_text))
     if seed is not None and seed != state['seed']:
         differences.append(f"--seed: {state['seed']} -> {seed}")
     if world.size != state['world_size']:
         differences.append(f"number of processes: {state['world_size']} -> {world.size}")
+    for key, what in (('teacher_digest', "teacher's weights"), ('threads', 'CPU threads')):
+        if key in state and identity is not None and state[key] != identity[key]:
+            shown = [str(v)[:12] for v in (state[key], identity[key])]
+            differences.append(f'{what}: {shown[0]} -> {shown[1]}')
     written_amp = (state['box'].get('precision') or {}).get('amp')
     if written_amp != amp:
         differences.append(f"--amp: {written_amp or 'none (float32)'} -> {amp or 'none (float32)'}")

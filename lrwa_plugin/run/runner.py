@@ -49,6 +49,7 @@ from .resume import (
     last_checkpoint_path,
     read_training_state,
     restore_training_state,
+    run_identity,
     save_training_state,
 )
 from .stopping import RunStopped, StopRequest, stop_requests
@@ -75,6 +76,7 @@ class Run:
     dst_ckpt: str
     trainer: Trainer | None  # None: -test_only
     position: Position = field(default_factory=Position)
+    identity: dict[str, Any] = field(default_factory=dict)  # what its training state pins (run_identity)
 
     @property
     def teacher_key(self) -> str | None:
@@ -150,11 +152,12 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
         raise ConfigError(f"--{'resume' if args.resume is not None else 'save_every'}",
                           'only data-free runs (train.strategy) write and resume training states')
     config_text = Path(os.path.expanduser(str(config_path))).read_text()
+    identity = run_identity(teacher) if trainer is not None and trainer.resumable else {}
     if state is not None:
-        check_same_run(state, config_text, seed, world, args.resume, amp=amp)
+        check_same_run(state, config_text, seed, world, args.resume, amp=amp, identity=identity)
     run = Run(args=args, config_path=str(config_path), config=config, config_text=config_text, seed=seed,
               world=world, device=device, teacher=teacher, student=student, student_key=student_key,
-              dst_ckpt=dst_ckpt, trainer=trainer, position=Position(epoch=args.start_epoch))
+              dst_ckpt=dst_ckpt, trainer=trainer, position=Position(epoch=args.start_epoch), identity=identity)
     if trainer is not None:
         trainer.prepare()
     if state is not None:  # last: it sets the random streams the first step draws from
@@ -262,7 +265,7 @@ class _EpochLoop:
 
     def save_state(self, epoch: int, iteration: int) -> None:
         save_training_state(self.last_path, self.trainer.box, Position(epoch, iteration, self.at.history, self.at.best),
-                            self.world, self.run.config_text, self.run.seed)
+                            self.world, self.run.config_text, self.run.seed, self.run.identity)
 
     def stop_if_asked(self, epoch: int, iteration: int) -> None:
         """Honours a SIGINT / SIGTERM: the state where the run stands (as --save_every writes it), then RunStopped."""
