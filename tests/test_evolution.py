@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from lrwa_plugin.run.evolution import (
     summary_markdown,
     write_evolution,
 )
+from lrwa_plugin.run.loading import config_digest
 
 
 def test_statistics_of_a_known_accuracy_list():
@@ -63,12 +65,15 @@ def test_two_epoch_run_writes_evolution_json_sample_grids_and_tensorboard_events
     assert len(events) == 1 and events[0].stat().st_size > 1000
 
 
-def _hand_made_run(out, label: str, seed: int, accuracy: list[float]) -> None:
-    """A finished run as compare leaves it: its result record and its evolution file (so nothing is run)."""
+def _hand_made_run(out, config: Path, seed: int, accuracy: list[float]) -> None:
+    """A finished run as compare leaves it: its result record (with its config's digest and thread count, so it is
+    reused) and its evolution file (so nothing is run)."""
+    label = config.stem
     run_dir = out / label / f'seed{seed}'
     run_dir.mkdir(parents=True)
     (run_dir / 'result.json').write_text(json.dumps({'config': f'{label}.yaml', 'seed': seed, 'exit_status': 0,
-                                                     'seconds': 10.0}))
+                                                     'seconds': 10.0, 'threads': 1,
+                                                     'config_digest': config_digest(config)}))
     (run_dir / 'student.evolution.json').write_text(json.dumps(evolution_stats(accuracy) | {
         'accuracy': accuracy, 'seed': seed, 'definition': DEFINITION, 'config': f'{label}.yaml'}))
 
@@ -79,13 +84,12 @@ def test_paired_differences_have_the_known_mean_and_student_t_interval(tmp_path,
     interval [-6.50, 6.50])."""
     out = tmp_path / 'cmp'
     shifts = {'base': [0, 0, 0, 0], 'better': [1.0, 1.2, 0.8, 1.1], 'noisy': [1.0, 2.0, 3.0, -6.0]}
-    for label, shift in shifts.items():
-        for seed in range(4):
-            _hand_made_run(out, label, seed, [50.0, 90.0 + seed + shift[seed]])
     configs = []
-    for label in shifts:
+    for label, shift in shifts.items():
         (tmp_path / f'{label}.yaml').write_text('# hand-made: never run\n')
         configs.append(str(tmp_path / f'{label}.yaml'))
+        for seed in range(4):
+            _hand_made_run(out, tmp_path / f'{label}.yaml', seed, [50.0, 90.0 + seed + shift[seed]])
     assert compare_main(['--configs', *configs, '--seeds', '0', '1', '2', '3', '--out', str(out),
                          '--baseline', configs[0]]) == 0
     summary = json.loads((out / 'summary.json').read_text())
