@@ -14,6 +14,8 @@ from typing import IO, Any
 import torch
 from torch import Tensor, nn
 
+from .errors import WriteError
+
 MAX_MESSAGE_CHARS = 300
 MAX_SHOWN_CHARS = 80
 MAX_LISTED = 25
@@ -157,24 +159,37 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 
     ``write`` fills a temporary file in the same folder (a unique name, so concurrent writers never share it); it is
     flushed, fsynced and moved over ``path`` with :func:`os.replace`. Parent folders are created. On any failure the
-    temporary file is removed and an existing ``path`` is left untouched.
+    temporary file is removed and an existing ``path`` is left untouched; a failure of the file system (a full disk, a
+    folder that cannot be written, a destination that cannot be replaced) is a :class:`~lrwa_plugin.errors.WriteError`
+    naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp')
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as error:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(error, WriteError):
+            raise
+        if isinstance(error, OSError) or _is_writer_failure(error):
+            raise WriteError(os.fspath(path), first_line(error, with_type=True),
+                             getattr(error, 'errno', None)) from error
         raise
     _fsync_directory(path.parent)
     return path
+
+
+def _is_writer_failure(error: BaseException) -> bool:
+    """torch's zip writer reports a failed write (a full disk) as a RuntimeError from its inline container."""
+    return isinstance(error, RuntimeError) and any(mark in str(error) for mark in ('inline_container',
+                                                                                    'PytorchStreamWriter'))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -114,3 +114,32 @@ def test_the_lock_is_exclusive_within_a_process_too(tmp_path):
             RunLock(tmp_path / 'student.pt', 'models.student_model.dst_ckpt').acquire()
     with RunLock(tmp_path / 'student.pt', 'models.student_model.dst_ckpt'):
         pass
+
+
+@pytest.mark.parametrize('fault', [
+    OSError(28, 'No space left on device'),
+    RuntimeError('[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0'),
+    PermissionError(13, 'Permission denied'),
+])
+def test_a_file_that_cannot_be_written_is_one_line_exit_4_and_earlier_files_intact(fault, work, capsys, monkeypatch):
+    """A full disk (the OS's errno 28, or torch's zip writer failing) or a destination that cannot be replaced, at
+    the second epoch's first write: one line naming the file, exit status 4, the first epoch's files as they were."""
+    from lrwa_plugin.run import checkpoint
+    from lrwa_plugin.run.resume import read_training_state
+    config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', SHORT_RUN)
+    real_save, written = checkpoint.torch.save, []
+
+    def failing_save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get('epoch') == 2:  # the second epoch's training state
+            raise fault
+        written.append(getattr(f, 'name', f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, 'save', failing_save)
+    assert run_cli(config, '--dst_ckpt', 'out/student.pt') == 4
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not write 'out/student.last.pt' (") and err.count('\n') == 1, err
+    assert err.endswith('); it and every file written before are as they were\n') and type(fault).__name__ in err
+    assert read_training_state(work / 'out' / 'student.last.pt')['epoch'] == 1  # the first epoch's state, intact
+    assert (work / 'out' / 'student.pt').is_file() and written
+    assert not [p.name for p in (work / 'out').iterdir() if p.name.endswith('.tmp')]

@@ -10,8 +10,10 @@ checkpoint is missing, then distils a student with ``strategy: lrwa`` and prints
 
 Exit status: 0 done; 2 a :class:`~lrwa_plugin.errors.ConfigError` (a config value, file or flag that cannot work,
 found before anything is trained; one ``error:`` line); 3 a :class:`~lrwa_plugin.errors.NonFiniteLossError` (a loss or
-gradient became NaN or infinite; one ``error:`` line naming the step; the last checkpoint is left as it was).
-Anything else is a bug and keeps its traceback.
+gradient became NaN or infinite; one ``error:`` line naming the step; the last checkpoint is left as it was); 4 a
+:class:`~lrwa_plugin.errors.WriteError` (a file could not be written: a full disk, a folder that became read-only; one
+``error:`` line naming the file; it and every file written before are as they were); 128 + the signal's number for a
+run stopped by SIGINT / SIGTERM. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from torchdistill.common.constant import def_logger
 from torchdistill.common.main_util import setup_for_distributed
 from torchdistill.misc.log import set_basic_log_config, setup_log_file
 
-from ..errors import ConfigError, NonFiniteLossError
+from ..errors import ConfigError, NonFiniteLossError, WriteError
 from ..precision import AMP_DTYPES
 from ..util import first_line
 from .distributed import World, destroy, init_distributed
@@ -186,9 +188,9 @@ def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike |
             else:
                 results = run_config(args.config, args, world)
                 label = args.config
-    except (ConfigError, NonFiniteLossError) as error:
+    except (ConfigError, NonFiniteLossError, WriteError) as error:
         sys.stderr.write(f'error: {error}\n')  # every rank: print is rank 0's only
-        return 2 if isinstance(error, ConfigError) else 3
+        return 2 if isinstance(error, ConfigError) else 3 if isinstance(error, NonFiniteLossError) else 4
     except RunStopped as stop:
         if world.is_main:
             sys.stderr.write(stopped_message(stop, argv) + '\n')

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, WriteError
 from ..precision import AMP_DTYPES
 from ..util import atomic_write_text, listed
 from .evolution import (
@@ -213,9 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = compare(args.configs, args.seeds, args.out, args.device, args.runner, args.baseline,
                           args.sample_grids, args.name, args.threads, jobs, args.amp, args.adopt_legacy)
-    except ConfigError as error:
+    except (ConfigError, WriteError) as error:
         print(f'error: {error}', file=sys.stderr)
-        return 2
+        return 2 if isinstance(error, ConfigError) else 4
     paired = summary.get('paired')
     print(summary_markdown(summary['configs'], None if paired is None else paired['configs'],
                            None if paired is None else paired['baseline'], summary['seconds']))
