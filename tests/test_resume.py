@@ -297,3 +297,53 @@ def test_a_state_pins_its_teacher_and_thread_count(finished: Path, work: Path, c
     assert f'(CPU threads: {threads} -> {threads + 1})' in capsys.readouterr().err
     assert snapshot(work / 'out') == before
     assert run_cli(longer, '--dst_ckpt', 'out/student.pt', '--resume', 'out/student.last.pt') == 0
+
+
+def test_two_signals_during_training_leave_a_resumable_state_and_say_so(work: Path) -> None:
+    """Two Ctrl-C 50 ms apart during epoch 0: the run stops at once (or at the boundary the first reached), says which
+    training state it leaves, and that state continues to exactly the run that was never stopped."""
+    # the shipped batch and student steps: an iteration takes longer than 50 ms, so the second signal comes mid-step
+    config = write_config(DIGITS_CONFIGS / 'lrwa_mb.yaml', work / 'run.yaml', {
+        'num_epochs: 12': 'num_epochs: 1', 'iterations_per_epoch: 25': 'iterations_per_epoch: 12'})
+    assert run_cli(config, '--dst_ckpt', 'straight/student.pt') == 0
+    state = last_checkpoint_path('stopped/student.pt')
+    process = subprocess.Popen(command(config, 'stopped/student.pt', '--save_every', '3'), env=child_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not state.is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    lines = [line for line in err.splitlines() if not line[:4].isdigit()]  # not the log lines
+    assert process.returncode == 130 and len(lines) == 1, err[-2000:]
+    assert 'outside training' not in lines[0] and f"'{state}'" in lines[0], lines
+    assert lines[0].startswith(('stopped: stopped at once by a second SIGINT while training; the last training '
+                                'state written is', 'stopped: stopped by SIGINT before epoch 0, iteration ')), lines
+    assert read_training_state(state)['epoch'] == 0
+    assert run_cli(config, '--dst_ckpt', 'stopped/student.pt', '--resume', str(state)) == 0
+    straight, resumed = (read_training_state(p) for p in (last_checkpoint_path('straight/student.pt'), state))
+    assert_same(straight['box'], resumed['box'])
+    assert straight['history'] == resumed['history']
+
+
+def test_a_second_signal_waits_for_the_state_being_written_and_no_state_is_said_truthfully() -> None:
+    from lrwa_plugin.run.cli import stopped_message
+    from lrwa_plugin.run.stopping import RunStopped, StoppedAtOnce, StopRequest
+    request = StopRequest()
+    request.handle(signal.SIGINT, None)
+    with pytest.raises(StoppedAtOnce):
+        with request.writing():
+            request.handle(signal.SIGINT, None)  # deferred: the write completes first
+            written = True
+    assert written
+    with pytest.raises(StoppedAtOnce):
+        request.handle(signal.SIGTERM, None)  # outside a write: at once
+    message = stopped_message(RunStopped(signal.SIGINT, '', None, at_once=True), ['--config', 'x.yaml'])
+    assert message == ('stopped: stopped at once by a second SIGINT while training, before its first training state '
+                       'was written (they are written at every epoch end, and with --save_every): there is nothing to '
+                       'resume; start the run again')

@@ -40,7 +40,7 @@ from .distributed import World, destroy, init_distributed
 from .files import check_writable
 from .loading import load_config
 from .runner import run_config
-from .stopping import RunStopped, interruptible
+from .stopping import RunStopped, interruptible, keep_swallowing_signals
 
 logger = def_logger.getChild(__name__)
 
@@ -142,8 +142,11 @@ def check_flags(args: argparse.Namespace) -> None:
 
 def stopped_message(stop: RunStopped, argv: Sequence[str]) -> str:
     """The one line a stopped run prints: where its state is and the command that continues it."""
-    if stop.state_path is None:
+    if not stop.resumable:
         return f'stopped: {stop}; a run without train.strategy cannot resume (its best student is at dst_ckpt)'
+    if stop.state_path is None:
+        return (f'stopped: {stop}, before its first training state was written (they are written at every epoch '
+                'end, and with --save_every): there is nothing to resume; start the run again')
     kept, skip = [], False
     for arg in argv:  # the same command, with --resume pointing at the state
         if skip:
@@ -153,12 +156,16 @@ def stopped_message(stop: RunStopped, argv: Sequence[str]) -> str:
         elif not arg.startswith('--resume='):
             kept.append(arg)
     command = shlex.join(['python', '-m', 'lrwa_plugin', *kept, '--resume', stop.state_path])
+    if stop.at_once:
+        return (f"stopped: {stop}; the last training state written is '{stop.state_path}' (it continues from "
+                f'{stop.where}; what was trained since is lost); continue the run with: {command}')
     return f"stopped: {stop}; the training state is '{stop.state_path}'; continue the run with: {command}"
 
 
 def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike | None = None) -> int:
     """Entry point; returns the exit status: 2 for a config error found before training, 3 for a non-finite loss,
     128 + the signal's number for a run stopped by SIGINT / SIGTERM."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = get_argparser().parse_args(argv)
     set_basic_log_config()
@@ -181,20 +188,23 @@ def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike |
         def_logger.setLevel(logging.WARNING)
     try:
         with interruptible():
-            if args.config is None:
-                results = run_demo(args, world, demo_config_dir)
-                seed = DEMO_SEED if args.seed is None else args.seed
-                label = f'digits demo ({DEMO_STUDENT_CONFIG}.yaml, seed {seed})'
-            else:
-                results = run_config(args.config, args, world)
-                label = args.config
+            try:
+                if args.config is None:
+                    results = run_demo(args, world, demo_config_dir)
+                    seed = DEMO_SEED if args.seed is None else args.seed
+                    label = f'digits demo ({DEMO_STUDENT_CONFIG}.yaml, seed {seed})'
+                else:
+                    results = run_config(args.config, args, world)
+                    label = args.config
+            except RunStopped as stop:  # said while later signals are swallowed
+                if world.is_main:
+                    sys.stderr.write(stopped_message(stop, argv) + '\n')
+                if from_command_line:  # the process is ending: a late second Ctrl-C must not turn into a traceback
+                    keep_swallowing_signals()
+                return stop.exit_status
     except (ConfigError, NonFiniteLossError, WriteError) as error:
         sys.stderr.write(f'error: {error}\n')  # every rank: print is rank 0's only
         return 2 if isinstance(error, ConfigError) else 3 if isinstance(error, NonFiniteLossError) else 4
-    except RunStopped as stop:
-        if world.is_main:
-            sys.stderr.write(stopped_message(stop, argv) + '\n')
-        return stop.exit_status
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, 'signum', signal.SIGINT)
         sys.stderr.write(f'stopped: {signal.Signals(signum).name} outside training (while setting up, or testing '

@@ -52,7 +52,7 @@ from .resume import (
     run_identity,
     save_training_state,
 )
-from .stopping import RunStopped, StopRequest, stop_requests
+from .stopping import RunStopped, StoppedAtOnce, StopRequest, stop_requests
 from .trainers import DataFreeTrainer, SupervisedTrainer, Trainer, evaluate, save_student
 from .visuals import TensorBoardLogger
 
@@ -243,8 +243,11 @@ def train(run: Run) -> dict[str, float]:
     start = time.time()
     with stop_requests() as request:
         loop = _EpochLoop(run, request, tensorboard)
-        for epoch in range(run.position.epoch, trainer.box.num_epochs):
-            loop.epoch(epoch)
+        try:
+            for epoch in range(run.position.epoch, trainer.box.num_epochs):
+                loop.epoch(epoch)
+        except StoppedAtOnce as stop:
+            raise loop.stopped_at_once(stop.signum) from None
     logger.info('Training time %s', datetime.timedelta(seconds=int(time.time() - start)))
     if tensorboard is not None:
         tensorboard.close()
@@ -262,10 +265,22 @@ class _EpochLoop:
         self.trainer, self.world, self.args = run.trainer, run.world, run.args
         self.at = Position(run.position.epoch, run.position.iteration, list(run.position.history), run.position.best)
         self.last_path = last_checkpoint_path(run.dst_ckpt)
+        # where the training state on disk continues from (a resumed run's state is still there)
+        self.saved_at = (run.position.epoch, run.position.iteration) if run.args.resume is not None else None
 
     def save_state(self, epoch: int, iteration: int) -> None:
-        save_training_state(self.last_path, self.trainer.box, Position(epoch, iteration, self.at.history, self.at.best),
-                            self.world, self.run.config_text, self.run.seed, self.run.identity)
+        with self.request.writing():
+            save_training_state(self.last_path, self.trainer.box,
+                                Position(epoch, iteration, self.at.history, self.at.best), self.world,
+                                self.run.config_text, self.run.seed, self.run.identity)
+            self.saved_at = (epoch, iteration)
+
+    def stopped_at_once(self, signum: int) -> RunStopped:
+        """A second signal stopped the run mid-step: the last training state written, if any, continues it."""
+        resumable = self.trainer.resumable and self.saved_at is not None
+        where = f'epoch {self.saved_at[0]}, iteration {self.saved_at[1]}' if self.saved_at is not None else ''
+        return RunStopped(signum, where, str(self.last_path) if resumable else None, at_once=True,
+                          resumable=self.trainer.resumable)
 
     def stop_if_asked(self, epoch: int, iteration: int) -> None:
         """Honours a SIGINT / SIGTERM: the state where the run stands (as --save_every writes it), then RunStopped."""
@@ -274,7 +289,7 @@ class _EpochLoop:
         if self.trainer.resumable:
             self.save_state(epoch, iteration)
         raise RunStopped(self.request.signum or signal.SIGTERM, f'epoch {epoch}, iteration {iteration}',
-                         str(self.last_path) if self.trainer.resumable else None)
+                         str(self.last_path) if self.trainer.resumable else None, resumable=self.trainer.resumable)
 
     def on_iteration(self, epoch: int, iteration: int, losses: dict[str, float]) -> None:
         done = epoch * self.trainer.iterations_per_epoch + iteration + 1
