@@ -195,3 +195,45 @@ def test_sample_grids_change_nothing_the_run_computes(name, work):
     assert_same(with_grids['box'], without['box'])
     assert_same(with_grids['ranks'], without['ranks'])
     assert (work / 'grids/student.samples').is_dir() and not (work / 'none/student.samples').exists()
+
+
+def test_a_stopped_comparison_keeps_its_runs_and_continues_them_and_has_its_out_to_itself(work):
+    """Ctrl-C to compare: the running child stops at its next boundary with a training state, compare says so in one
+    line (exit 130), and the same command continues: finished runs re-read, the stopped one resumed. A second
+    compare into the same --out meanwhile is refused in one line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import child_env
+    config = write_config(DIGITS_CONFIGS / 'mb_dfkd.yaml', work / 'arm.yaml', {
+        **SHORT_RUN, 'num_epochs: 2': 'num_epochs: 4', 'iterations_per_epoch: 3': 'iterations_per_epoch: 40'})
+    out = work / 'cmp'
+    argv = ['--configs', str(config), '--seeds', '0', '1', '--out', str(out), '--jobs', '1']
+    process = subprocess.Popen([sys.executable, '-m', 'lrwa_plugin.run.compare', *argv], env=child_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        state = out / 'arm' / 'seed1' / 'student.last.pt'
+        while not (out / 'arm/seed0/result.json').is_file() and process.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        second = subprocess.run([sys.executable, '-m', 'lrwa_plugin.run.compare', *argv], env=child_env(),
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and second.stderr.startswith('error: --out: another run (pid ') \
+            and 'give this comparison another --out' in second.stderr, second.stderr
+        while not state.is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and err.splitlines()[-1].startswith(
+        f"stopped: SIGINT; the finished runs in '{out}' are kept"), err[-2000:]
+    assert 'Traceback' not in err
+    assert (out / 'arm/seed0/result.json').is_file() and not (out / 'arm/seed1/result.json').is_file()
+    assert state.is_file() and not (out / 'compare.lock').exists()
+    assert compare_main(argv) == 0
+    assert 'Resuming at epoch' in (out / 'arm/seed1/stdout.txt').read_text()
+    assert json.loads((out / 'arm/seed1/result.json').read_text())['exit_status'] == 0

@@ -28,20 +28,25 @@ run took 79 s alone (a digits drift LRWA run, measured 2026-12-02).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import ConfigError, WriteError
 from ..precision import AMP_DTYPES
-from ..util import atomic_write_text, listed
+from ..util import atomic_write_text, first_line, listed
 from .evolution import (
     DEFINITION,
     PAIRED_DEFINITION,
@@ -51,7 +56,9 @@ from .evolution import (
     summarise,
     summary_markdown,
 )
+from .files import RunLock, check_writable
 from .loading import config_digest
+from .stopping import interruptible
 
 #: The runner every run is a process of: the installed package's command line (``python -m lrwa_plugin``).
 RUNNER = ('-m', 'lrwa_plugin')
@@ -106,6 +113,27 @@ def _reusable(record: dict, run_dir: Path, digest: str, threads: int, amp: str |
     return record
 
 
+class _Children:
+    """The runs going now, so that a stopped comparison stops them (each at its next boundary, with a state)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def stop(self, signum: int = signal.SIGINT) -> None:
+        """No run starts any more; the running ones get the signal (their threads wait for them to end)."""
+        with self.lock:
+            self.stopping = True
+            running = list(self.running)
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+
+
+_CHILDREN = _Children()
+
+
 def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str | None = None,
             sample_grids: bool = False, threads: int = 1, amp: str | None = None, adopt: bool = False) -> dict:
     """Runs one config with one seed in a subprocess unless it finished before with the same config, thread count
@@ -115,16 +143,25 @@ def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str | N
     if result_path.is_file():
         return _reusable(json.loads(result_path.read_text()), run_dir, digest, threads, amp, adopt)
     run_dir.mkdir(parents=True, exist_ok=True)
+    state = run_dir / 'student.last.pt'  # a run stopped before: it continues from its training state
     command = [sys.executable, *((runner,) if runner else RUNNER), '--config', str(config), '--seed', str(seed),
                '--device', device, '--dst_ckpt', str(run_dir / 'student.pt'), '--run_log', str(run_dir / 'log.txt'),
-               '-no_progress', *(() if sample_grids else ('-no_sample_grids',)), *(('--amp', amp) if amp else ())]
+               '-no_progress', *(() if sample_grids else ('-no_sample_grids',)), *(('--amp', amp) if amp else ()),
+               *(('--resume', str(state)) if state.is_file() else ())]
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
     start = time.time()
-    with open(run_dir / 'stdout.txt', 'w') as out:
+    with open(run_dir / 'stdout.txt', 'a' if state.is_file() else 'w') as out, _CHILDREN.lock:
+        if _CHILDREN.stopping:
+            return {'config': str(config), 'seed': seed, 'exit_status': None, 'seconds': 0.0}
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _CHILDREN.running.add(process)
+    try:
         # this child's own CPU time (other runs may be going at once, so not RUSAGE_CHILDREN)
         _, wait_status, usage = os.wait4(process.pid, 0)
         process.returncode = status = os.waitstatus_to_exitcode(wait_status)
+    finally:
+        with _CHILDREN.lock:
+            _CHILDREN.running.discard(process)
     record = {'config': str(config), 'seed': seed, 'exit_status': status, 'seconds': time.time() - start,
               'cpu_seconds': usage.ru_utime + usage.ru_stime, 'threads': threads, **({'amp': amp} if amp else {}),
               'config_digest': digest}
@@ -157,8 +194,16 @@ def compare(configs: Sequence[str | Path], seeds: Sequence[int], out: str | Path
         print(f"{config.stem} seed {seed}: exit {record['exit_status']}, {record['seconds']:.0f} s", flush=True)
         return record
 
+    _CHILDREN.stopping = False
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        records = list(pool.map(run, *zip(*runs))) if runs else []
+        futures = [pool.submit(run, *r) for r in runs]
+        try:
+            records = [future.result() for future in futures]
+        except BaseException as error:  # Ctrl-C / SIGTERM: every run going now stops at its next boundary
+            for future in futures:
+                future.cancel()
+            _CHILDREN.stop(getattr(error, 'signum', signal.SIGINT))
+            raise
     used = sorted({str(record.get('threads', 'unrecorded')) for record in records})
     if len(used) > 1:
         print(f'warning: these runs computed with different thread counts ({listed(used)}); their numbers '
@@ -189,33 +234,57 @@ def compare(configs: Sequence[str | Path], seeds: Sequence[int], out: str | Path
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; exit status 2 for bad arguments, 1 if a run failed, else 0."""
-    args = get_argparser().parse_args(argv)
+def check_arguments(args: argparse.Namespace) -> int:
+    """Every argument that cannot work is one :class:`~lrwa_plugin.errors.ConfigError`, before any run starts;
+    returns the number of runs at once."""
     missing = [c for c in args.configs if not Path(c).is_file()]
     if missing:
-        print(f"error: --configs: no such file: {', '.join(missing)}", file=sys.stderr)
-        return 2
+        raise ConfigError('--configs', f"no such file: {', '.join(missing)}")
     stems = [Path(c).stem for c in args.configs]
     repeated = sorted({s for s in stems if stems.count(s) > 1})
     if repeated:
-        print(f"error: --configs: two configs share the label (file stem) {', '.join(repeated)}; rename one",
-              file=sys.stderr)
-        return 2
+        raise ConfigError('--configs', f"two configs share the label (file stem) {', '.join(repeated)}; rename one")
     if args.baseline is not None and Path(args.baseline).stem not in stems:
-        print(f"error: --baseline: '{args.baseline}' is not one of --configs", file=sys.stderr)
-        return 2
+        raise ConfigError('--baseline', f"'{args.baseline}' is not one of --configs")
     for key in ('threads', 'jobs'):
         if getattr(args, key) is not None and getattr(args, key) < 1:
-            print(f'error: --{key}: expected a positive integer, got {getattr(args, key)}', file=sys.stderr)
-            return 2
-    jobs = args.jobs if args.jobs is not None else max(1, (os.cpu_count() or 1) // args.threads)
+            raise ConfigError(f'--{key}', f'expected a positive integer, got {getattr(args, key)}')
+    bad_seeds = [s for s in args.seeds if not 0 <= s < 2 ** 32]
+    if bad_seeds or len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError('--seeds', f'expected distinct integers from 0 to 2**32 - 1, got {args.seeds}')
+    if not args.name or Path(args.name).name != args.name or args.name in ('.', '..'):
+        raise ConfigError('--name', f"expected a plain file name (the tables are OUT/NAME.json, ...), got "
+                                    f"'{args.name}'")
+    if args.runner is not None and not Path(args.runner).is_file():
+        raise ConfigError('--runner', f"no such file: '{args.runner}'")
     try:
-        summary = compare(args.configs, args.seeds, args.out, args.device, args.runner, args.baseline,
-                          args.sample_grids, args.name, args.threads, jobs, args.amp, args.adopt_legacy)
+        torch.device(args.device)
+    except RuntimeError as error:
+        raise ConfigError('--device', f"'{args.device}' is not a device ({first_line(error)})") from error
+    check_writable(folders=[(args.out, '--out')])
+    return args.jobs if args.jobs is not None else max(1, (os.cpu_count() or 1) // args.threads)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; exit status 2 for bad arguments, 1 if a run failed, 4 for a file that could not be written,
+    128 + the signal's number when stopped by SIGINT / SIGTERM, else 0."""
+    args = get_argparser().parse_args(argv)
+    try:
+        jobs = check_arguments(args)
+        # one comparison at a time per --out: two would run the same seeds into the same folders
+        with interruptible(), RunLock(Path(args.out) / 'compare', '--out',
+                                      advice='let it finish, stop it, or give this comparison another --out'):
+            summary = compare(args.configs, args.seeds, args.out, args.device, args.runner, args.baseline,
+                              args.sample_grids, args.name, args.threads, jobs, args.amp, args.adopt_legacy)
     except (ConfigError, WriteError) as error:
         print(f'error: {error}', file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 4
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, 'signum', signal.SIGINT)
+        print(f"stopped: {signal.Signals(signum).name}; the finished runs in '{args.out}' are kept and the runs that "
+              'were going stopped at their next boundary with a training state; run the same command again to '
+              'continue (finished runs are re-read, stopped ones resume)', file=sys.stderr)
+        return 128 + signum
     paired = summary.get('paired')
     print(summary_markdown(summary['configs'], None if paired is None else paired['configs'],
                            None if paired is None else paired['baseline'], summary['seconds']))

@@ -76,10 +76,11 @@ class RunLock:
         key: how messages name it (``models.student_model.dst_ckpt``).
     """
 
-    def __init__(self, dst_ckpt: str | os.PathLike, key: str) -> None:
+    def __init__(self, dst_ckpt: str | os.PathLike, key: str,
+                 advice: str = 'let it finish, stop it, or give this run another dst_ckpt') -> None:
         dst = Path(os.path.expanduser(os.fspath(dst_ckpt)))
         self.path = dst.with_name(dst.name + '.lock')
-        self.key = key
+        self.key, self.advice = key, advice
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -91,8 +92,7 @@ class RunLock:
             owner = os.read(fd, 64).decode(errors='replace').strip() or 'unknown'
             os.close(fd)
             raise ConfigError(self.key, f"another run (pid {owner}) is writing to '{self.path.with_suffix('')}' "
-                                        f"(lock '{self.path}'); let it finish, stop it, or give this run another "
-                                        'dst_ckpt') from None
+                                        f"(lock '{self.path}'); {self.advice}") from None
         os.ftruncate(fd, 0)
         os.write(fd, f'{os.getpid()}\n'.encode())
         self._fd = fd
