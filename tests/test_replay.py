@@ -329,3 +329,15 @@ def test_registry_builds_generative_replay_with_its_optimizer_from_yaml():
     assert isinstance(memory.optimizer, torch.optim.SGD)
     assert {id(p) for g in memory.optimizer.param_groups for p in g['params']} == \
         {id(p) for p in memory.vae.parameters()}
+
+
+def test_a_push_size_above_one_student_batch_is_said_in_one_warning(caplog):
+    """It still trains (each push stores one batch), so it is a warning, not a refusal."""
+    from types import SimpleNamespace
+    config = SimpleNamespace(batch_size=32, num_epochs=3)
+    with caplog.at_level('WARNING'):
+        MemoryBank.check_config({'push_size': 128, 'push_every_epochs': 1}, config)
+        MemoryBank.check_config({'push_size': 32, 'push_every_epochs': 1}, config)
+    warned = [r.getMessage() for r in caplog.records if 'push_size' in r.getMessage()]
+    assert warned == ['train.data_free.replay.kwargs.push_size: 128 is more than a push can store (one student '
+                      'batch, train.data_free.batch_size 32); each push stores 32']

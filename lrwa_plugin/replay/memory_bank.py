@@ -15,12 +15,15 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torchdistill.common.constant import def_logger
 
 from ..config.checks import choice, count
 from ..errors import ConfigError
 from ..registry import register_replay
 from ..util import cat_rows, tree_map
 from .base import Replayed, ReplayMemory
+
+logger = def_logger.getChild(__name__)
 
 MEMORY_POLICIES = ('fifo', 'reservoir')
 DRAWS = ('samples', 'batch')
@@ -114,8 +117,15 @@ class MemoryBank(ReplayMemory):
 
     @classmethod
     def check_config(cls, kwargs: dict[str, Any], config: Any) -> None:
-        """The run's rule: a memory whose first push comes after the last epoch would never replay anything (a
-        one-epoch run, a smoke test, is let through: no memory bank can replay in it)."""
+        """The run's rules: a memory whose first push comes after the last epoch would never replay anything (a
+        one-epoch run, a smoke test, is let through: no memory bank can replay in it); a ``push_size`` above one
+        student batch is said in one warning (each push stores one batch: the run is not meaningless, only smaller
+        than written)."""
+        push_size = kwargs.get('push_size', 64)
+        if isinstance(push_size, int) and push_size > config.batch_size:  # it trains, storing less than asked: said
+            logger.warning(f'train.data_free.replay.kwargs.push_size: {push_size} is more than a push can store (one '
+                           f'student batch, train.data_free.batch_size {config.batch_size}); each push stores '
+                           f'{config.batch_size}')
         every = kwargs.get('push_every_epochs', 1)
         first = kwargs.get('first_push_epoch')
         first = every - 1 if first is None and isinstance(every, int) else first
