@@ -182,6 +182,10 @@ CASES: list[tuple[str, str, dict[str, str], str, str, Callable[[Path], None] | N
      'train.data_free.meta', 'exactly one of alpha', None),
     ('neither alpha nor alpha_per_lr', 'lrwa_mb', {'alpha_per_lr: 1.0, ': ''},
      'train.data_free.meta', 'exactly one of alpha', None),
+    ('a negative loss weight', 'lrwa_mb',
+     {"kwargs: {kind: 'l1'}}, weight: 1.0}": "kwargs: {kind: 'l1'}}, weight: -1.0}"},
+     'train.data_free.generator.criterion.kwargs.sub_terms.adv.weight', 'is negative: it would turn this term into its '
+     'opposite', None),
     ('fd_eps without finite_difference', 'lrwa_mb', {"order: 'second'": "order: 'second', fd_eps: 0.05"},
      'train.data_free.meta.fd_eps', "is only read with order 'finite_difference', not 'second'", None),
     ('a key given twice', 'lrwa_mb',

@@ -318,7 +318,11 @@ def check_criterion(block: Any, path: str, what: str = 'the loss terms') -> None
 def _check_sub_term(term: Any, path: str) -> None:
     term = mapping(term, path)
     check_keys(term, SUB_TERM_KEYS, path)
-    finite(require(term, 'weight', path, 'the factor of this term'), f'{path}.weight')
+    weight = finite(require(term, 'weight', path, 'the factor of this term'), f'{path}.weight')
+    if weight < 0:  # a range that is knowable: a negative weight trains towards the opposite of the term
+        raise ConfigError(f'{path}.weight', f'{weight:g} is negative: it would turn this term into its opposite '
+                                            '(the adversarial term is already negated by AdversarialLoss); use a '
+                                            'weight >= 0 (0 switches the term off)')
     criterion = mapping(require(term, 'criterion', path, '{key: ..., kwargs: {...}}'), f'{path}.criterion')
     # torchdistill looks a term up in its middle-level registry, then in torch.nn's losses and its low-level one.
     losses = {**LOW_LEVEL_LOSS_DICT, **LOSS_DICT, **MIDDLE_LEVEL_LOSS_DICT}
