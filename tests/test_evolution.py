@@ -197,7 +197,7 @@ def test_sample_grids_change_nothing_the_run_computes(name, work):
     assert (work / 'grids/student.samples').is_dir() and not (work / 'none/student.samples').exists()
 
 
-def test_a_stopped_comparison_keeps_its_runs_and_continues_them_and_has_its_out_to_itself(work):
+def test_a_stopped_comparison_keeps_its_runs_and_continues_them_and_has_its_out_to_itself(work, capsys):
     """Ctrl-C to compare: the running child stops at its next boundary with a training state, compare says so in one
     line (exit 130), and the same command continues: finished runs re-read, the stopped one resumed. A second
     compare into the same --out meanwhile is refused in one line."""
@@ -215,17 +215,20 @@ def test_a_stopped_comparison_keeps_its_runs_and_continues_them_and_has_its_out_
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
+
+        def wait_for(path: Path) -> None:
+            while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        wait_for(out / 'compare.lock')
+        capsys.readouterr()
+        assert compare_main(argv) == 2  # a second comparison into the same --out, while the first holds it
+        second = capsys.readouterr().err
+        assert second.startswith('error: --out: another run (pid ') and 'give this comparison another --out' in second
         state = out / 'arm' / 'seed1' / 'student.last.pt'
-        while not (out / 'arm/seed0/result.json').is_file() and process.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.02)
-        second = subprocess.run([sys.executable, '-m', 'lrwa_plugin.run.compare', *argv], env=child_env(),
-                                capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2 and second.stderr.startswith('error: --out: another run (pid ') \
-            and 'give this comparison another --out' in second.stderr, second.stderr
-        while not state.is_file() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        process.send_signal(signal.SIGINT)
+        wait_for(out / 'arm/seed0/result.json')
+        wait_for(state)
+        process.send_signal(signal.SIGINT)  # seed 1 has three epochs left
         _, err = process.communicate(timeout=300)
     finally:
         process.kill()
