@@ -65,13 +65,16 @@ def raise_interrupted(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """SIGTERM raises :class:`Interrupted` as SIGINT raises ``KeyboardInterrupt`` (main thread only), so either ends
-    in one line instead of a silent kill; on exit both signals get back the handlers they had."""
+    """SIGINT and SIGTERM raise :class:`Interrupted` (a ``KeyboardInterrupt``; main thread only), so either ends in
+    one line instead of a silent kill — also where the process was started with SIGINT ignored (a background job of a
+    script), where Python installs no ``KeyboardInterrupt`` of its own. On exit both signals get back the handlers
+    they had."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
-    signal.signal(signal.SIGTERM, raise_interrupted)
+    for s in SIGNALS:
+        signal.signal(s, raise_interrupted)
     try:
         yield
     finally:
