@@ -45,6 +45,7 @@ from torchdistill.common import yaml_util
 from torchdistill.common.main_util import import_dependencies
 
 from lrwa_plugin.box import DataFreeDistillationBox
+from lrwa_plugin.precision import Precision
 from lrwa_plugin.run.cli import main as cli_main
 from lrwa_plugin.run.distributed import World
 from lrwa_plugin.run.loading import load_model
@@ -112,17 +113,18 @@ def ensure_teacher(path: Path, train: bool) -> None:
         sys.exit(f'error: training the digits teacher failed; run `{command}` from the repository root')
 
 
-def build_box(config: dict, seed: int, world: World | None = None) -> DataFreeDistillationBox:
-    """A box as the runner builds it (``world``: this rank of a data-parallel run), its memory filled; ``config`` is
-    not modified."""
+def build_box(config: dict, seed: int, world: World | None = None, device: torch.device | None = None,
+              precision: Precision | None = None) -> DataFreeDistillationBox:
+    """A box as the runner builds it (``world``: this rank of a data-parallel run; ``precision``: ``--amp``), its
+    memory filled so that replay and the meta step run from the first iteration; ``config`` is not modified."""
     config = copy.deepcopy(config)
-    device = torch.device('cpu')
+    device = device or torch.device('cpu')
     torch.manual_seed(seed)
     models = config['models']
     teacher = load_model(models['teacher_model'], 'teacher_model', device, False)
     student = load_model(models['student_model'], 'student_model', device, False)
     box = DataFreeDistillationBox(teacher, student, config.get('datasets', {}), config['train'], device, None, False,
-                                  world=world)
+                                  world=world, precision=precision)
     box.pre_epoch_process(epoch=0)
     if box.replay is not None:
         push_epoch = getattr(box.replay, 'first_push_epoch', 0)  # an epoch after which a MemoryBank pushes
@@ -136,7 +138,7 @@ def build_box(config: dict, seed: int, world: World | None = None) -> DataFreeDi
             if len(box.replay) >= capacity:
                 break
         if box.replay.sample(1) is None:
-            sys.exit(f'error: the replay memory of {config["train"]["strategy"]} stayed empty')
+            raise RuntimeError(f'the replay memory of {config["train"]["strategy"]} stayed empty')
     return box
 
 

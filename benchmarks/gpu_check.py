@@ -64,11 +64,10 @@ from torchdistill.models.registry import get_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_meta_step  # noqa: E402
+from bench_iteration import build_box  # noqa: E402
 
-from lrwa_plugin.box import DataFreeDistillationBox  # noqa: E402
 from lrwa_plugin.precision import Precision, set_backend_flags  # noqa: E402
 from lrwa_plugin.run.checkpoint import atomic_save, load_state_dict_file  # noqa: E402
-from lrwa_plugin.run.loading import load_model  # noqa: E402
 from lrwa_plugin.run.resume import read_training_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -253,32 +252,6 @@ class Workspace:
         return config
 
 
-def build_box(config: dict, seed: int, device: torch.device, precision: Precision) -> DataFreeDistillationBox:
-    """``bench_iteration.build_box`` on ``device`` with ``precision``: the box as the runner builds it, its memory
-    filled (a generative replay's VAE trained once) so that replay and the meta step run from the first iteration."""
-    config = copy.deepcopy(config)
-    torch.manual_seed(seed)
-    models = config['models']
-    teacher = load_model(models['teacher_model'], 'teacher_model', device, False)
-    student = load_model(models['student_model'], 'student_model', device, False)
-    box = DataFreeDistillationBox(teacher, student, config.get('datasets', {}), config['train'], device, None, False,
-                                  precision=precision)
-    box.pre_epoch_process(epoch=0)
-    if box.replay is not None:
-        push_epoch = getattr(box.replay, 'first_push_epoch', 0)  # an epoch after which a MemoryBank pushes
-        capacity = getattr(box.replay, 'capacity', 1)
-        for _ in range(64):
-            with torch.no_grad():
-                x = box.sample()
-            box.replay.observe(x, push_epoch, box.iterations_per_epoch - 1)  # a VAE trains here: not under no_grad
-            box.replay.end_epoch(push_epoch)
-            if len(box.replay) >= capacity:
-                break
-        if box.replay.sample(1) is None:
-            raise RuntimeError(f'the replay memory of {config["train"]["strategy"]} stayed empty')
-    return box
-
-
 @contextlib.contextmanager
 def backend_flags(device: torch.device, tf32: bool) -> Iterator[None]:
     """The runner's switches for a block (TF32 on or off, cuDNN autotuning on), this process's own after it."""
@@ -349,7 +322,7 @@ def iterations(args: argparse.Namespace, device: torch.device, sizes: Sizes, wor
             try:
                 precision = Precision('bfloat16' if name == 'bfloat16' else None, device.type)
                 with backend_flags(device, tf32=name == 'tf32'):
-                    box = build_box(config, args.seed, device, precision)
+                    box = build_box(config, args.seed, device=device, precision=precision)
                     reset_peak(device)
                     times = []
                     for i in range(warmup + timed):
