@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -141,13 +141,3 @@ def to_channels_last(*modules: nn.Module | None) -> None:
     for module in modules:
         if module is not None:
             module.to(memory_format=torch.channels_last)
-
-
-@contextlib.contextmanager
-def deterministic_off() -> Iterator[None]:
-    """Restores ``torch.use_deterministic_algorithms`` after the block (for tests that switch it on)."""
-    before = torch.are_deterministic_algorithms_enabled()
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before)

@@ -9,9 +9,11 @@ profile (a few examples) unless ``CI`` is set, when it runs the thorough ``ci`` 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,16 @@ def dependency_paths() -> list[str]:
         if path.is_dir() and path != ROOT and ROOT not in path.parents and str(path) not in paths:
             paths.append(str(path))
     return paths
+
+
+@contextlib.contextmanager
+def deterministic_off() -> Iterator[None]:
+    """Restores ``torch.use_deterministic_algorithms`` after the block (for tests that switch it on)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def write_config(src: Path, dst: Path, replacements: dict[str, str]) -> Path:

@@ -12,12 +12,13 @@ import os
 import higher
 import pytest
 import torch
+from conftest import deterministic_off
 from torch import nn
 from torch.func import functional_call
 from torchdistill.core.forward_hook import get_device_index, register_forward_hook_with_dict
 
 from lrwa_plugin.meta import RetainWhileAcquire, retain_while_acquire
-from lrwa_plugin.precision import deterministic_off, set_backend_flags
+from lrwa_plugin.precision import set_backend_flags
 
 DEVICE = torch.device(os.environ.get('LRWA_TEST_DEVICE', 'cpu'))
 IO_KEY = get_device_index(torch.empty(0, device=DEVICE))  # where torchdistill's hooks file a tensor of DEVICE

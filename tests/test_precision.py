@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_FREE, DIGITS_CONFIGS, SHORT_RUN, assert_same, run_cli, write_config
+from conftest import DATA_FREE, DIGITS_CONFIGS, SHORT_RUN, assert_same, deterministic_off, run_cli, write_config
 from torch import nn
 from torch.nn import functional as F
 from torchdistill.common import yaml_util
@@ -16,7 +16,7 @@ from torchdistill.models.registry import get_model
 
 from lrwa_plugin.box import DataFreeDistillationBox
 from lrwa_plugin.meta import ORDERS, RetainWhileAcquire
-from lrwa_plugin.precision import LossScale, Precision, deterministic_off
+from lrwa_plugin.precision import LossScale, Precision
 from lrwa_plugin.run.resume import read_training_state
 
 TINY = {**SHORT_RUN, 'iterations_per_epoch: 3': 'iterations_per_epoch: 2'}

@@ -115,18 +115,24 @@ def run_demo(args: argparse.Namespace, world: World | None = None,
     return results
 
 
+def check_device(name: str) -> torch.device:
+    """``--device`` of the runner and of compare: a CPU, or a CUDA device this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError('--device', f"{name!r} is not a device ({first_line(error)}); expected e.g. 'cpu', "
+                                      "'cuda' or 'cuda:0'") from error
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError('--device', f"{name!r}, but this machine has no CUDA device; use --device cpu")
+    if device.type not in ('cpu', 'cuda'):
+        raise ConfigError('--device', f"{name!r}: the runner supports 'cpu' and 'cuda' devices")
+    return device
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """The flags that need no config: the device, the number of processes, the log file, the seed's range and the
     resume/save flags (:func:`lrwa_plugin.run.runner.set_up` checks those that need the config)."""
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as error:
-        raise ConfigError('--device', f"{args.device!r} is not a device ({first_line(error)}); expected e.g. 'cpu', "
-                                      "'cuda' or 'cuda:0'") from error
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise ConfigError('--device', f"{args.device!r}, but this machine has no CUDA device; use --device cpu")
-    if device.type not in ('cpu', 'cuda'):
-        raise ConfigError('--device', f"{args.device!r}: the runner supports 'cpu' and 'cuda' devices")
+    check_device(args.device)
     if args.world_size < 1:
         raise ConfigError('--world_size', f'expected a number of processes >= 1, got {args.world_size}')
     if args.save_every < 0:

@@ -42,11 +42,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import ConfigError, WriteError
 from ..precision import AMP_DTYPES
-from ..util import atomic_write_text, first_line, listed
+from ..util import atomic_write_text, listed
+from .cli import check_device
 from .evolution import (
     DEFINITION,
     PAIRED_DEFINITION,
@@ -134,14 +133,14 @@ class _Children:
 _CHILDREN = _Children()
 
 
-def run_one(config: Path, seed: int, run_dir: Path, device: str, runner: str | None = None,
-            sample_grids: bool = False, threads: int = 1, amp: str | None = None, adopt: bool = False) -> dict:
-    """Runs one config with one seed in a subprocess unless it finished before with the same config, thread count
-    and precision; returns its result record."""
+def run_one(config: Path, seed: int, run_dir: Path, device: str, digest: str, runner: str | None = None,
+            sample_grids: bool = False, threads: int = 1, amp: str | None = None) -> dict:
+    """Runs one config (its ``digest``: :func:`~lrwa_plugin.run.loading.config_digest`) with one seed in a
+    subprocess unless it finished before (:func:`compare` has checked that a finished run is reusable); returns its
+    result record."""
     result_path = run_dir / 'result.json'
-    digest = config_digest(config)
     if result_path.is_file():
-        return _reusable(json.loads(result_path.read_text()), run_dir, digest, threads, amp, adopt)
+        return json.loads(result_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     state = run_dir / 'student.last.pt'  # a run stopped before: it continues from its training state
     command = [sys.executable, *((runner,) if runner else RUNNER), '--config', str(config), '--seed', str(seed),
@@ -184,13 +183,14 @@ def compare(configs: Sequence[str | Path], seeds: Sequence[int], out: str | Path
     cpu_seconds: dict[str, float] = {}
     failures = []
     runs = [(config, seed, out / config.stem / f'seed{seed}') for config in map(Path, configs) for seed in seeds]
+    digests = {config: config_digest(config) for config in {config for config, _, _ in runs}}
     for config, _, run_dir in runs:  # every finished run checked before any run starts
         if (run_dir / 'result.json').is_file():
-            _reusable(json.loads((run_dir / 'result.json').read_text()), run_dir, config_digest(config), threads, amp,
+            _reusable(json.loads((run_dir / 'result.json').read_text()), run_dir, digests[config], threads, amp,
                       adopt)
 
     def run(config: Path, seed: int, run_dir: Path) -> dict:
-        record = run_one(config, seed, run_dir, device, runner, sample_grids, threads, amp, adopt)
+        record = run_one(config, seed, run_dir, device, digests[config], runner, sample_grids, threads, amp)
         print(f"{config.stem} seed {seed}: exit {record['exit_status']}, {record['seconds']:.0f} s", flush=True)
         return record
 
@@ -257,10 +257,7 @@ def check_arguments(args: argparse.Namespace) -> int:
                                     f"'{args.name}'")
     if args.runner is not None and not Path(args.runner).is_file():
         raise ConfigError('--runner', f"no such file: '{args.runner}'")
-    try:
-        torch.device(args.device)
-    except RuntimeError as error:
-        raise ConfigError('--device', f"'{args.device}' is not a device ({first_line(error)})") from error
+    check_device(args.device)
     check_writable(folders=[(args.out, '--out')])
     return args.jobs if args.jobs is not None else max(1, (os.cpu_count() or 1) // args.threads)
 

@@ -100,7 +100,7 @@ def build_trainer(teacher: nn.Module | None, student: nn.Module, config: dict, d
     if data_free is not None:
         box = DataFreeDistillationBox(teacher, student, dataset_dict, train_config, device, device_ids,
                                       distributed, lr_factor, world=world, data_free=data_free,
-                                      precision=Precision(getattr(args, 'amp', None), device.type))
+                                      precision=Precision(args.amp, device.type))
         val_id = train_config['val_data_loader']['dataset_id']
         trainer: Trainer = DataFreeTrainer(box, teacher, world, config.get('models', {}), student_key,
                                            (val_id, dataset_dict[val_id]))
@@ -128,7 +128,7 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
     """
     world = world or World()
     device = device_for(torch.device(args.device), world)
-    set_backend_flags(device, tf32=getattr(args, 'tf32', False), deterministic=getattr(args, 'deterministic', False),
+    set_backend_flags(device, tf32=args.tf32, deterministic=args.deterministic,
                       cudnn_benchmark=not args.disable_cudnn_benchmark)
     state = read_training_state(args.resume) if args.resume is not None else None
     seed = state['seed'] if state is not None and args.seed is None else args.seed
@@ -138,7 +138,7 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
     if args.resume is not None:
         check_state_belongs(args.resume, dst_ckpt, '--dst_ckpt' if args.dst_ckpt is not None
                             else f'models.{student_key}.dst_ckpt')
-    amp = getattr(args, 'amp', None)
+    amp = args.amp
     if amp is not None and data_free is None and not args.test_only:
         raise ConfigError('--amp', 'only data-free runs (train.strategy) autocast; a plain torchdistill run trains in '
                                    'float32')
@@ -146,7 +146,7 @@ def set_up(config_path: str | os.PathLike, args: argparse.Namespace, world: Worl
     student = load_model(config['models'][student_key], student_key, device, world.distributed)
     trainer = None if args.test_only else build_trainer(teacher, student, config, data_free, device, world, args,
                                                         student_key)
-    if getattr(args, 'channels_last', False):
+    if args.channels_last:
         to_channels_last(teacher, student, getattr(trainer.box, 'generator', None) if trainer is not None else None)
     if trainer is not None and not trainer.resumable and (args.resume is not None or args.save_every):
         raise ConfigError(f"--{'resume' if args.resume is not None else 'save_every'}",
