@@ -1,0 +1,516 @@
+"""A drift map: the same arms compared, paired by seed, at several levels of generator drift
+(``examples/drift_map.py``).
+
+One comparison (:mod:`lrwa_plugin.run.compare`) answers a question at one setting; a map asks how the answer moves
+along an axis. The map is a YAML spec: per dataset, the levels of the axis (each a folder of configs, one per arm),
+the arms, the comparisons (each arm against another at the same level), the teachers every run distils from (with
+their SHA-256) and the knobs that define a level (dotted paths read from the baseline arm's config)::
+
+    out: examples/results/drift_map
+    seeds: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    baseline: mb_dfkd
+    arms: [mb_dfkd, dfad, lrwa_mb]
+    comparisons:
+      - {arm: dfad, against: mb_dfkd}
+      - {arm: lrwa_mb, against: mb_dfkd}
+    axis: {arm: dfad, against: mb_dfkd}        # forgetting must grow along the levels
+    knobs: {generator_lr: train.data_free.generator.optimizer.kwargs.lr}
+    teachers:
+      digits: {file: examples/results/drift_map/teachers/digits_teacher.pt, at: resource/ckpt/digits/teacher.pt,
+               sha256: 1f2c27f7...}
+    datasets:
+      digits:
+        - {level: 1, configs: examples/configs/digits/drift, files: {lrwa_mb: lrwa_mb_lr1}}
+        - {level: 2, configs: examples/configs/digits/drift_strong}
+
+``run`` runs the grid through compare, level by level and seed-major (``chunk`` seeds at a time, so that a stopped map
+leaves whole seeds; finished runs are re-read and stopped ones resume), into ``OUT/<dataset>_L<level>/``.
+``analyse`` reads every finished run (refusing one made by another config or thread count) and writes
+``OUT/map.json``, ``OUT/map.md`` and ``OUT/map.png``: per level the paired differences of each comparison on the
+primary statistics (``mu_late``, ``final``, and ``sigma2_late`` as a ratio: the paired mean of
+``log((sigma2_late + 0.01) / (baseline's + 0.01))``, exponentiated with its interval), and per comparison the trend
+across levels (the per-seed differences regressed on the level index; slope and 95% interval).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from scipy import stats
+
+from ..config.checks import check_keys, choice, count, mapping, require
+from ..errors import ConfigError, WriteError
+from ..util import atomic_write, atomic_write_text, listed, show
+from . import compare as compare_module
+from .evolution import evolution_path, paired_differences, summarise
+from .loading import config_digest, read_plain
+
+SPEC_KEYS = ('out', 'seeds', 'baseline', 'arms', 'comparisons', 'axis', 'knobs', 'teachers', 'datasets')
+LEVEL_KEYS = ('level', 'configs', 'files')
+#: The primary statistics of a map, in order; ``log_sigma2_late`` is reported as a ratio.
+PRIMARY = ('mu_late', 'final', 'log_sigma2_late')
+SECONDARY = ('sigma2_late', 'mu', 'acc_max', 'worst_drop')
+#: Added to sigma2_late before the log (points squared): a perfectly flat late run stays finite.
+SIGMA2_FLOOR = 0.01
+
+
+@dataclass(frozen=True)
+class Level:
+    """One level of one dataset's axis: a config per arm."""
+
+    dataset: str
+    level: int
+    configs: Mapping[str, Path]
+
+    @property
+    def folder(self) -> str:
+        return f'{self.dataset}_L{self.level}'
+
+
+@dataclass(frozen=True)
+class Comparison:
+    arm: str
+    against: str
+
+    @property
+    def label(self) -> str:
+        return f'{self.arm} vs {self.against}'
+
+
+@dataclass(frozen=True)
+class Teacher:
+    dataset: str
+    file: Path
+    at: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    out: Path
+    seeds: tuple[int, ...]
+    baseline: str
+    arms: tuple[str, ...]
+    comparisons: tuple[Comparison, ...]
+    axis: Comparison
+    knobs: Mapping[str, str]
+    teachers: tuple[Teacher, ...]
+    levels: tuple[Level, ...]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _comparison(block: Any, path: str, arms: Sequence[str]) -> Comparison:
+    block = mapping(block, path)
+    check_keys(block, ('arm', 'against'), path)
+    arm = choice(require(block, 'arm', path, 'an arm'), arms, f'{path}.arm', 'arm', 'the arms are')
+    against = choice(require(block, 'against', path, 'an arm'), arms, f'{path}.against', 'arm', 'the arms are')
+    if arm == against:
+        raise ConfigError(path, f"compares '{arm}' with itself")
+    return Comparison(arm, against)
+
+
+def load_spec(path: str | Path) -> MapSpec:
+    """Reads and checks a map spec (paths relative to the current directory); anything wrong is one ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError('--spec', f"file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding='utf-8'))
+    except yaml.YAMLError as error:
+        raise ConfigError('--spec', f"'{path}' is not valid YAML: {str(error).splitlines()[0]}") from error
+    spec = mapping(raw, 'spec')
+    check_keys(spec, SPEC_KEYS, 'spec')
+    for key in SPEC_KEYS:
+        require(spec, key, 'spec', 'see docs/drift_map.md')
+    seeds = spec['seeds']
+    if not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds):
+        raise ConfigError('spec.seeds', f'expected a list of distinct seeds, got {show(seeds)}')
+    seeds = tuple(count(s, f'spec.seeds[{i}]', minimum=0) for i, s in enumerate(seeds))
+    arms = spec['arms']
+    if not isinstance(arms, list) or not arms or not all(isinstance(a, str) for a in arms) \
+            or len(set(arms)) != len(arms):
+        raise ConfigError('spec.arms', f'expected a list of distinct arm names, got {show(arms)}')
+    baseline = choice(spec['baseline'], arms, 'spec.baseline', 'arm', 'the arms are')
+    if not isinstance(spec['comparisons'], list) or not spec['comparisons']:
+        raise ConfigError('spec.comparisons', f'expected a list of {{arm, against}}, got {show(spec["comparisons"])}')
+    comparisons = tuple(_comparison(c, f'spec.comparisons[{i}]', arms) for i, c in enumerate(spec['comparisons']))
+    axis = _comparison(spec['axis'], 'spec.axis', arms)
+    if axis not in comparisons:
+        raise ConfigError('spec.axis', f"'{axis.label}' is not one of spec.comparisons")
+    knobs = mapping(spec['knobs'], 'spec.knobs')
+    if not all(isinstance(v, str) and v for v in knobs.values()):
+        raise ConfigError('spec.knobs', 'expected a mapping of names to dotted config paths')
+    teachers = []
+    for dataset, block in mapping(spec['teachers'], 'spec.teachers').items():
+        where = f'spec.teachers.{dataset}'
+        block = mapping(block, where)
+        check_keys(block, ('file', 'at', 'sha256'), where)
+        file = Path(require(block, 'file', where, 'the committed teacher'))
+        if not file.is_file():
+            raise ConfigError(f'{where}.file', f"file '{file}' does not exist")
+        teachers.append(Teacher(dataset, file, Path(require(block, 'at', where, "the configs' src_ckpt")),
+                                str(require(block, 'sha256', where, "the teacher's SHA-256"))))
+    levels = []
+    for dataset, entries in mapping(spec['datasets'], 'spec.datasets').items():
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(f'spec.datasets.{dataset}', f'expected a list of levels, got {show(entries)}')
+        seen = set()
+        for i, entry in enumerate(entries):
+            where = f'spec.datasets.{dataset}[{i}]'
+            entry = mapping(entry, where)
+            check_keys(entry, LEVEL_KEYS, where)
+            level = count(require(entry, 'level', where, 'its index on the axis'), f'{where}.level', minimum=0)
+            if level in seen:
+                raise ConfigError(f'{where}.level', f'level {level} is given twice')
+            seen.add(level)
+            folder = Path(require(entry, 'configs', where, 'a folder of configs, one per arm'))
+            files = mapping(entry.get('files') or {}, f'{where}.files')
+            for arm in files:
+                choice(arm, arms, f'{where}.files.{arm}', 'arm', 'the arms are')
+            configs = {arm: folder / f'{files.get(arm, arm)}.yaml' for arm in arms}
+            missing = [str(p) for p in configs.values() if not p.is_file()]
+            if missing:
+                raise ConfigError(f'{where}.configs', f'no such config: {listed(missing)}')
+            stems = [p.stem for p in configs.values()]
+            if len(set(stems)) != len(stems):
+                raise ConfigError(f'{where}.files', 'two arms share a config file name (compare labels runs by it)')
+            levels.append(Level(dataset, level, configs))
+    return MapSpec(Path(spec['out']), seeds, baseline, tuple(arms), comparisons, axis, dict(knobs),
+                   tuple(teachers), tuple(sorted(levels, key=lambda lv: (lv.dataset, lv.level))))
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def install_teachers(spec: MapSpec) -> list[str]:
+    """Puts each committed teacher where the configs read it; checks every digest before copying any, and never
+    replaces a different file there. Returns one line per teacher."""
+    lines = []
+    for teacher in spec.teachers:
+        where = f'spec.teachers.{teacher.dataset}'
+        if sha256_of(teacher.file) != teacher.sha256:
+            raise ConfigError(f'{where}.file', f"'{teacher.file}' is not the teacher of sha256 {teacher.sha256}")
+        if teacher.at.exists() and sha256_of(teacher.at) != teacher.sha256:
+            raise ConfigError(f'{where}.at', f"'{teacher.at}' holds another teacher than the map's; move it away "
+                                             '(the runs must all distil from one teacher)')
+    for teacher in spec.teachers:
+        if teacher.at.exists():
+            lines.append(f'{teacher.dataset} teacher: {teacher.at} (sha256 checked)')
+            continue
+        with open(teacher.file, 'rb') as source:
+            atomic_write(teacher.at, lambda target, source=source: shutil.copyfileobj(source, target))
+        lines.append(f'{teacher.dataset} teacher: copied {teacher.file} to {teacher.at}')
+    return lines
+
+
+def select(spec: MapSpec, datasets: Sequence[str] | None, levels: Sequence[int] | None) -> list[Level]:
+    known = sorted({lv.dataset for lv in spec.levels})
+    for dataset in datasets or ():
+        choice(dataset, known, '--datasets', 'dataset', 'the spec has')
+    chosen = [lv for lv in spec.levels if (not datasets or lv.dataset in datasets)
+              and (levels is None or lv.level in levels)]
+    if not chosen:
+        raise ConfigError('--levels', f'no level of the spec is {listed(levels or [])}')
+    return chosen
+
+
+def run_map(spec: MapSpec, levels: Sequence[Level], seeds: Sequence[int], chunk: int, jobs: int) -> int:
+    """Runs each level's arms over ``seeds``, ``chunk`` seeds at a time (one thread per run, ``jobs`` at once); a
+    chunk whose runs failed is run once more. Returns 0, or compare's exit status where it stopped."""
+    for level in levels:
+        arms = [spec.baseline, *[a for a in spec.arms if a != spec.baseline]]
+        for end in range(chunk, len(seeds) + chunk, chunk):
+            argv = ['--configs', *(str(level.configs[a]) for a in arms), '--seeds', *map(str, seeds[:end]),
+                    '--baseline', str(level.configs[spec.baseline]), '--out', str(spec.out / level.folder),
+                    '--threads', '1', '--jobs', str(jobs)]
+            status = compare_module.main(argv)
+            if status == 1:  # a run failed: once more with the same seed (docs/drift_map.md), then on
+                status = compare_module.main(argv)
+            print(f'{level.folder}: seeds {seeds[0]}-{seeds[min(end, len(seeds)) - 1]}: exit {status}', flush=True)
+            if status not in (0, 1):
+                return status
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def read_level(spec: MapSpec, level: Level) -> dict[str, list[dict]]:
+    """The finished runs of a level, per arm: their evolution records with ``log_sigma2_late`` added. A run made by
+    another config (its digest) or thread count than the map's is a ConfigError."""
+    runs: dict[str, list[dict]] = {}
+    for arm, config in level.configs.items():
+        digest = config_digest(config)
+        records = []
+        for seed in spec.seeds:
+            run_dir = spec.out / level.folder / config.stem / f'seed{seed}'
+            result_path = run_dir / 'result.json'
+            if not result_path.is_file():
+                continue
+            result = json.loads(result_path.read_text())
+            if result.get('config_digest') != digest or result.get('threads') != 1:
+                raise ConfigError(str(result_path), f'made by another config or thread count than {config} on 1 '
+                                                    'thread; move it away or restore the config')
+            record = json.loads(evolution_path(run_dir / 'student.pt').read_text())
+            record['log_sigma2_late'] = math.log(float(record['sigma2_late']) + SIGMA2_FLOOR)
+            record['seconds'], record['cpu_seconds'] = result['seconds'], result.get('cpu_seconds', math.nan)
+            records.append(record)
+        if records:
+            runs[arm] = records
+    return runs
+
+
+def knob_values(spec: MapSpec, level: Level) -> dict[str, Any]:
+    """The level's knobs, read from its baseline config (``None`` where a path is absent)."""
+    config = read_plain(level.configs[spec.baseline].read_text(encoding='utf-8'))
+    values = {}
+    for name, dotted in spec.knobs.items():
+        node: Any = config
+        for key in dotted.split('.'):
+            node = node.get(key) if isinstance(node, Mapping) else None
+        values[name] = node
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+def interval_as_ratio(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A paired log difference as a ratio: exp of its mean and of its interval's ends."""
+    low, high = entry['ci']
+    return {'n': entry['n'], 'ratio': math.exp(entry['mean']), 'ci': [math.exp(low), math.exp(high)],
+            'below_one': bool(high < 0), 'above_one': bool(low > 0)}
+
+
+def trend(points: Sequence[tuple[float, float]], confidence: float = 0.95) -> dict[str, Any]:
+    """Ordinary least squares of y on x over ``(x, y)`` points: the slope, its ``confidence`` Student-t interval
+    (df = N - 2) and the intercept; NaN where fewer than three points or fewer than two distinct x."""
+    n = len(points)
+    if n < 3 or len({x for x, _ in points}) < 2:
+        return {'n': n, 'slope': math.nan, 'ci': [math.nan, math.nan], 'intercept': math.nan, 'excludes_zero': False}
+    fit = stats.linregress([x for x, _ in points], [y for _, y in points])
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 2)) * fit.stderr
+    low, high = fit.slope - half, fit.slope + half
+    return {'n': n, 'slope': float(fit.slope), 'ci': [float(low), float(high)], 'intercept': float(fit.intercept),
+            'excludes_zero': bool(low > 0 or high < 0)}
+
+
+def compare_level(spec: MapSpec, runs: Mapping[str, Sequence[dict]]) -> dict[str, dict[str, Any]]:
+    """Each comparison of the spec over the seeds both of its arms finished (``paired_differences``)."""
+    result = {}
+    for c in spec.comparisons:
+        if c.arm in runs and c.against in runs:
+            entry = paired_differences({c.arm: runs[c.arm], c.against: runs[c.against]}, c.against,
+                                       keys=(*PRIMARY, *SECONDARY))[c.arm]
+            entry['sigma2_late_ratio'] = interval_as_ratio(entry['log_sigma2_late'])
+            result[c.label] = entry
+    return result
+
+
+def analyse(spec: MapSpec) -> dict[str, Any]:
+    """Reads every finished run of the map; returns what ``map.json`` holds."""
+    result: dict[str, Any] = {'seeds': list(spec.seeds), 'primary': list(PRIMARY), 'sigma2_floor': SIGMA2_FLOOR,
+                              'datasets': {}}
+    total = {'runs': 0, 'expected': len(spec.levels) * len(spec.arms) * len(spec.seeds), 'seconds': 0.0,
+             'cpu_seconds': 0.0}
+    for dataset in sorted({lv.dataset for lv in spec.levels}):
+        levels = {}
+        points: dict[str, dict[str, list[tuple[float, float]]]] = {}
+        for level in (lv for lv in spec.levels if lv.dataset == dataset):
+            runs = read_level(spec, level)
+            comparisons = compare_level(spec, runs)
+            for label, entry in comparisons.items():
+                for key in PRIMARY:
+                    points.setdefault(label, {}).setdefault(key, []).extend(
+                        (level.level, d) for d in entry[key]['per_seed'].values())
+            finished = [r for records in runs.values() for r in records]
+            total['runs'] += len(finished)
+            total['seconds'] += sum(r['seconds'] for r in finished)
+            total['cpu_seconds'] += sum(r['cpu_seconds'] for r in finished)
+            levels[str(level.level)] = {
+                'folder': level.folder, 'knobs': knob_values(spec, level),
+                'configs': {arm: str(path) for arm, path in level.configs.items()},
+                'runs': {arm: len(runs.get(arm, [])) for arm in spec.arms},
+                'summary': summarise({arm: records for arm, records in runs.items()}),
+                'comparisons': comparisons,
+                'seconds': sum(r['seconds'] for r in finished), 'cpu_seconds': sum(r['cpu_seconds'] for r in finished)}
+        trends = {label: {key: trend(pts) for key, pts in by_key.items()} for label, by_key in points.items()}
+        axis = trends.get(spec.axis.label, {}).get('mu_late')
+        result['datasets'][dataset] = {
+            'levels': levels, 'trends': trends,
+            'axis_check': {'comparison': spec.axis.label, 'statistic': 'mu_late', 'trend': axis,
+                           'passes': bool(axis and axis['excludes_zero'] and axis['ci'][1] < 0)}}
+    result['compute'] = total
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def _cell(entry: Mapping[str, Any] | None, ratio: bool = False) -> str:
+    if entry is None or entry.get('n', 0) < 2 or any(math.isnan(v) for v in entry['ci']):
+        return '–'
+    if ratio:
+        low, high = entry['ci']
+        mark = '*' if entry['below_one'] or entry['above_one'] else ''
+        return f"{entry['ratio']:.2f} [{low:.2f}, {high:.2f}]{mark}"
+    low, high = entry['ci']
+    value = entry['mean'] if 'mean' in entry else entry['slope']
+    return f"{value:+.2f} [{low:+.2f}, {high:+.2f}]{'*' if entry['excludes_zero'] else ''}"
+
+
+def _trend_ratio(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A trend of the log ratio as a factor per level."""
+    low, high = entry['ci']
+    if entry['n'] < 3 or math.isnan(entry['slope']):
+        return {'n': 0}
+    return {'n': entry['n'], 'ratio': math.exp(entry['slope']), 'ci': [math.exp(low), math.exp(high)],
+            'below_one': bool(high < 0), 'above_one': bool(low > 0)}
+
+
+def map_markdown(spec: MapSpec, result: Mapping[str, Any]) -> str:
+    """The map as markdown tables: the axis, the paired comparisons per level, the trends, the compute."""
+    compute = result['compute']
+    lines = [f"Runs finished: {compute['runs']} of {compute['expected']} ({len(spec.arms)} arms × {len(spec.seeds)} "
+             f"seeds × {len(spec.levels)} levels); {compute['seconds']:.0f} s of run wall time, "
+             f"{compute['cpu_seconds']:.0f} CPU seconds.", '']
+    knob_names = list(spec.knobs)
+    for dataset, data in result['datasets'].items():
+        lines += [f'## {dataset}', '', '| level | ' + ' | '.join(knob_names) + ' | runs per arm | '
+                  + f'forgetting gap ({spec.axis.label}, Δ mu_late) |',
+                  '|---|' + '---|' * (len(knob_names) + 2)]
+        for key, level in data['levels'].items():
+            runs = ', '.join(f'{arm} {n}' for arm, n in level['runs'].items())
+            gap = level['comparisons'].get(spec.axis.label, {}).get('mu_late')
+            lines.append(f'| {key} | ' + ' | '.join(str(level['knobs'][k]) for k in knob_names)
+                         + f' | {runs} | {_cell(gap)} |')
+        axis = data['axis_check']
+        lines += ['', f"Axis check (the gap's trend per level, negative with its interval below 0): "
+                      f"{_cell(axis['trend'])}, {'passes' if axis['passes'] else 'does not pass'}.", '',
+                  '| level | comparison | seeds | Δ mu_late | Δ final | σ²-late ratio | Δ sigma2_late | Δ worst_drop |',
+                  '|---|---|---|---|---|---|---|---|']
+        for key, level in data['levels'].items():
+            for label, entry in level['comparisons'].items():
+                lines.append(f"| {key} | {label} | {len(entry['seeds'])} | {_cell(entry['mu_late'])} | "
+                             f"{_cell(entry['final'])} | {_cell(entry['sigma2_late_ratio'], ratio=True)} | "
+                             f"{_cell(entry['sigma2_late'])} | {_cell(entry['worst_drop'])} |")
+        lines += ['', 'Trend across levels (per-seed paired differences regressed on the level index; slope per '
+                      'level):', '', '| comparison | points | slope Δ mu_late | slope Δ final | σ²-late ratio, '
+                                     'factor per level |', '|---|---|---|---|---|']
+        for label, by_key in data['trends'].items():
+            lines.append(f"| {label} | {by_key['mu_late']['n']} | {_cell(by_key['mu_late'])} | "
+                         f"{_cell(by_key['final'])} | {_cell(_trend_ratio(by_key['log_sigma2_late']), ratio=True)} |")
+        lines.append('')
+    lines += ['Δ: paired by seed, arm minus the one it is compared with, in points; mean [95% Student-t interval]; * '
+              'the interval excludes 0 (for a ratio: excludes 1). σ²-late ratio: exp of the paired mean of '
+              f'log((sigma2_late + {SIGMA2_FLOOR}) / (the other arm\'s + {SIGMA2_FLOOR})), with exp of its '
+              'interval. Statistics as defined in docs/study.md (learning evolution).', '']
+    return '\n'.join(lines)
+
+
+def plot_map(spec: MapSpec, result: Mapping[str, Any], path: Path) -> Path:
+    """One column per dataset; rows: Δ mu_late, Δ final and the σ²-late ratio against the level, one line per
+    comparison with the baseline (95% intervals as error bars)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt
+
+    from .visuals import save_figure
+
+    datasets = list(result['datasets'])
+    rows = (('mu_late', 'Δ mu_late (points)'), ('final', 'Δ final (points)'), ('ratio', 'σ²-late ratio'))
+    fig, axes = plt.subplots(len(rows), len(datasets), figsize=(4.6 * len(datasets), 9), dpi=110, squeeze=False)
+    shown = [c for c in spec.comparisons if c.against == spec.baseline]
+    for col, dataset in enumerate(datasets):
+        levels = result['datasets'][dataset]['levels']
+        for row, (key, name) in enumerate(rows):
+            ax = axes[row][col]
+            for i, c in enumerate(shown):
+                xs, ys, lows, highs = [], [], [], []
+                for level, data in levels.items():
+                    entry = data['comparisons'].get(c.label)
+                    value = None if entry is None else (entry['sigma2_late_ratio'] if key == 'ratio' else entry[key])
+                    if value is None or value['n'] < 2:
+                        continue
+                    middle = value['ratio'] if key == 'ratio' else value['mean']
+                    xs.append(int(level) + (i - (len(shown) - 1) / 2) * 0.06)
+                    ys.append(middle)
+                    lows.append(middle - value['ci'][0])
+                    highs.append(value['ci'][1] - middle)
+                if xs:
+                    ax.errorbar(xs, ys, yerr=[lows, highs], marker='o', capsize=3, label=c.arm)
+            ax.axhline(1.0 if key == 'ratio' else 0.0, color='grey', linewidth=0.8)
+            if key == 'ratio':
+                ax.set_yscale('log')
+            ax.set_xticks([int(level) for level in levels])
+            ax.set_title(f'{dataset}: {name}', fontsize='medium')
+            ax.set_xlabel('drift level')
+            ax.grid(alpha=0.3)
+            if row == 0 and col == 0:
+                ax.legend(fontsize='small', title=f'vs {spec.baseline}', title_fontsize='small')
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def write_map(spec: MapSpec, result: Mapping[str, Any]) -> list[Path]:
+    spec.out.mkdir(parents=True, exist_ok=True)
+    return [atomic_write_text(spec.out / 'map.json', json.dumps(result, indent=2) + '\n'),
+            atomic_write_text(spec.out / 'map.md', map_markdown(spec, result)),
+            plot_map(spec, result, spec.out / 'map.png')]
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+def get_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description='Runs or analyses a drift map (docs/drift_map.md).')
+    parser.add_argument('--spec', default='examples/drift_map.yaml', help='the map spec (YAML)')
+    commands = parser.add_subparsers(dest='command', required=True)
+    run = commands.add_parser('run', help="run the map's grid through compare (finished runs are re-read)")
+    run.add_argument('--datasets', nargs='+', help='only these datasets of the spec')
+    run.add_argument('--levels', nargs='+', type=int, help='only these levels')
+    run.add_argument('--seeds', nargs='+', type=int, help="the spec's seeds by default")
+    run.add_argument('--chunk', type=int, default=2, help='seeds per compare call (seed-major order); default 2')
+    run.add_argument('--jobs', type=int, default=2, help='runs at once, one CPU thread each; default 2')
+    commands.add_parser('analyse', help='write OUT/map.json, map.md and map.png from the finished runs')
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; exit status 2 for a spec or argument that cannot work, 4 for a file that could not be written,
+    else what the runs gave (compare's statuses) or 0."""
+    args = get_argparser().parse_args(argv)
+    try:
+        spec = load_spec(args.spec)
+        if args.command == 'analyse':
+            result = analyse(spec)
+            paths = write_map(spec, result)
+            print(map_markdown(spec, result))
+            print('wrote ' + ', '.join(map(str, paths)))
+            return 0
+        count(args.chunk, '--chunk')
+        count(args.jobs, '--jobs')
+        seeds = tuple(args.seeds) if args.seeds else spec.seeds
+        unknown = [s for s in seeds if s not in spec.seeds]
+        if unknown:
+            raise ConfigError('--seeds', f"{listed(unknown)} not in the spec's seeds (add them there first)")
+        levels = select(spec, args.datasets, args.levels)
+        for line in install_teachers(spec):
+            print(line)
+        return run_map(spec, levels, seeds, args.chunk, args.jobs)
+    except ConfigError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    except WriteError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 4
+
+
+if __name__ == '__main__':
+    sys.exit(main())
