@@ -213,3 +213,43 @@ def test_the_example_script_analyses_a_map(tmp_path):
                           capture_output=True, text=True, env=child_env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert 'Runs finished: 18 of 18' in done.stdout and (spec.out / 'map.png').is_file()
+
+
+def with_second_stage(path: Path, **stage) -> Path:
+    spec = yaml.safe_load(path.read_text())
+    spec['second_stage'] = {'seeds': [10, 11, 12], 'arms': ['base', 'arm'], 'levels': ['toy_L2', 'toy_L1'], **stage}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_second_stage_adds_seeds_to_its_arms_and_levels_only(tmp_path, monkeypatch):
+    spec = drift_map.load_spec(with_second_stage(make_spec(tmp_path, seeds=range(3))))
+    level0, level1, level2 = spec.levels
+    assert spec.seeds_of(level2, 'arm') == (0, 1, 2, 10, 11, 12) and spec.seeds_of(level2, 'none') == (0, 1, 2)
+    assert spec.seeds_of(level0, 'base') == (0, 1, 2)
+    for seed in (*spec.seeds, 10, 11, 12):
+        write_run(spec, 2, 'base', seed, 80.0 + seed % 3, 2.0)
+        write_run(spec, 2, 'arm', seed, 81.0 + seed % 2, 1.0)
+    result = drift_map.analyse(spec)
+    assert result['compute']['expected'] == 3 * 3 * 3 + 2 * 3 * 2 and result['compute']['runs'] == 12
+    assert result['datasets']['toy']['levels']['2']['comparisons']['arm vs base']['seeds'] == [0, 1, 2, 10, 11, 12]
+    calls = []
+    monkeypatch.setattr(drift_map.compare_module, 'main', lambda argv: calls.append(argv) or 0)
+    assert drift_map.main(['--spec', str(tmp_path / 'map.yaml'), 'run', '--stage', '2', '--chunk', '3']) == 0
+    assert [Path(argv[argv.index('--out') + 1]).name for argv in calls] == ['toy_L2', 'toy_L1']  # the stage's order
+    first = calls[0]
+    assert [Path(c).stem for c in first[1:first.index('--seeds')]] == ['base', 'arm']
+    assert first[first.index('--seeds') + 1:first.index('--baseline')] == ['10', '11', '12']
+    assert first[first.index('--name') + 1] == 'stage2'  # the level's summary.* of stage 1 stays
+
+
+@pytest.mark.parametrize('stage, key', [
+    ({'seeds': [2, 10]}, 'spec.second_stage.seeds'),
+    ({'arms': ['arm']}, 'spec.second_stage.arms'),
+    ({'levels': ['toy_L7']}, 'spec.second_stage.levels[0]'),
+    ({'when': 'later'}, 'spec.second_stage.when'),
+])
+def test_a_second_stage_that_cannot_work_is_refused(tmp_path, capsys, stage, key):
+    path = with_second_stage(make_spec(tmp_path, seeds=range(3)), **stage)
+    assert drift_map.main(['--spec', str(path), 'run', '--stage', '2']) == 2
+    assert capsys.readouterr().err.startswith(f'error: {key}:')

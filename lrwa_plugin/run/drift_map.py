@@ -22,9 +22,12 @@ their SHA-256) and the knobs that define a level (dotted paths read from the bas
       digits:
         - {level: 1, configs: examples/configs/digits/drift, files: {lrwa_mb: lrwa_mb_lr1}}
         - {level: 2, configs: examples/configs/digits/drift_strong}
+    second_stage:                              # optional: more seeds for some arms at some levels, in this order
+      {seeds: [10, 11, 12, 13], arms: [mb_dfkd, lrwa_mb], levels: [digits_L2, digits_L1]}
 
 ``run`` runs the grid through compare, level by level and seed-major (``chunk`` seeds at a time, so that a stopped map
-leaves whole seeds; finished runs are re-read and stopped ones resume), into ``OUT/<dataset>_L<level>/``.
+leaves whole seeds; finished runs are re-read and stopped ones resume), into ``OUT/<dataset>_L<level>/``; ``run
+--stage 2`` runs the second stage's seeds of its arms and levels (their tables: ``stage2.*`` in the level's folder).
 ``analyse`` reads every finished run (refusing one made by another config or thread count) and writes
 ``OUT/map.json``, ``OUT/map.md`` and ``OUT/map.png``: per level the paired differences of each comparison on the
 primary statistics (``mu_late``, ``final``, and ``sigma2_late`` as a ratio: the paired mean of
@@ -54,7 +57,9 @@ from . import compare as compare_module
 from .evolution import evolution_path, paired_differences, summarise
 from .loading import config_digest, read_plain
 
-SPEC_KEYS = ('out', 'seeds', 'baseline', 'arms', 'comparisons', 'axis', 'knobs', 'teachers', 'datasets')
+SPEC_KEYS = ('out', 'seeds', 'baseline', 'arms', 'comparisons', 'axis', 'knobs', 'teachers', 'datasets',
+             'second_stage')
+REQUIRED_KEYS = SPEC_KEYS[:-1]
 LEVEL_KEYS = ('level', 'configs', 'files')
 #: The primary statistics of a map, in order; ``log_sigma2_late`` is reported as a ratio.
 PRIMARY = ('mu_late', 'final', 'log_sigma2_late')
@@ -95,6 +100,15 @@ class Teacher:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """More seeds for some arms at some levels (folders such as ``digits_L2``, run in this order)."""
+
+    seeds: tuple[int, ...]
+    arms: tuple[str, ...]
+    levels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class MapSpec:
     out: Path
     seeds: tuple[int, ...]
@@ -105,6 +119,13 @@ class MapSpec:
     knobs: Mapping[str, str]
     teachers: tuple[Teacher, ...]
     levels: tuple[Level, ...]
+    second_stage: Stage | None = None
+
+    def seeds_of(self, level: Level, arm: str) -> tuple[int, ...]:
+        """The seeds an arm runs at a level: every arm the spec's, and the second stage's where it applies."""
+        stage = self.second_stage
+        more = stage.seeds if stage and arm in stage.arms and level.folder in stage.levels else ()
+        return (*self.seeds, *more)
 
 
 def sha256_of(path: Path) -> str:
@@ -136,12 +157,9 @@ def load_spec(path: str | Path) -> MapSpec:
         raise ConfigError('--spec', f"'{path}' is not valid YAML: {str(error).splitlines()[0]}") from error
     spec = mapping(raw, 'spec')
     check_keys(spec, SPEC_KEYS, 'spec')
-    for key in SPEC_KEYS:
+    for key in REQUIRED_KEYS:
         require(spec, key, 'spec', 'see docs/drift_map.md')
-    seeds = spec['seeds']
-    if not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds):
-        raise ConfigError('spec.seeds', f'expected a list of distinct seeds, got {show(seeds)}')
-    seeds = tuple(count(s, f'spec.seeds[{i}]', minimum=0) for i, s in enumerate(seeds))
+    seeds = _seeds(spec['seeds'], 'spec.seeds')
     arms = spec['arms']
     if not isinstance(arms, list) or not arms or not all(isinstance(a, str) for a in arms) \
             or len(set(arms)) != len(arms):
@@ -191,8 +209,35 @@ def load_spec(path: str | Path) -> MapSpec:
             if len(set(stems)) != len(stems):
                 raise ConfigError(f'{where}.files', 'two arms share a config file name (compare labels runs by it)')
             levels.append(Level(dataset, level, configs))
+    stage = None
+    if spec.get('second_stage') is not None:
+        block = mapping(spec['second_stage'], 'spec.second_stage')
+        check_keys(block, ('seeds', 'arms', 'levels'), 'spec.second_stage')
+        more = _seeds(require(block, 'seeds', 'spec.second_stage', 'seeds beyond spec.seeds'),
+                      'spec.second_stage.seeds')
+        if set(more) & set(seeds):
+            again = listed(sorted(set(more) & set(seeds)))
+            raise ConfigError('spec.second_stage.seeds', f'{again} already in spec.seeds')
+        stage_arms = require(block, 'arms', 'spec.second_stage', 'the arms that run them')
+        if not isinstance(stage_arms, list) or baseline not in stage_arms:
+            raise ConfigError('spec.second_stage.arms', f"expected a list of arms holding the baseline '{baseline}'")
+        for i, arm in enumerate(stage_arms):
+            choice(arm, arms, f'spec.second_stage.arms[{i}]', 'arm', 'the arms are')
+        folders = [lv.folder for lv in levels]
+        stage_levels = require(block, 'levels', 'spec.second_stage', 'level folders such as digits_L2')
+        if not isinstance(stage_levels, list) or not stage_levels:
+            raise ConfigError('spec.second_stage.levels', f'expected a list of level folders, got {show(stage_levels)}')
+        for i, folder in enumerate(stage_levels):
+            choice(folder, folders, f'spec.second_stage.levels[{i}]', 'level', 'the levels are')
+        stage = Stage(more, tuple(stage_arms), tuple(stage_levels))
     return MapSpec(Path(spec['out']), seeds, baseline, tuple(arms), comparisons, axis, dict(knobs),
-                   tuple(teachers), tuple(sorted(levels, key=lambda lv: (lv.dataset, lv.level))))
+                   tuple(teachers), tuple(sorted(levels, key=lambda lv: (lv.dataset, lv.level))), stage)
+
+
+def _seeds(value: Any, path: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or len(set(map(str, value))) != len(value):
+        raise ConfigError(path, f'expected a list of distinct seeds, got {show(value)}')
+    return tuple(count(s, f'{path}[{i}]', minimum=0) for i, s in enumerate(value))
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -228,15 +273,17 @@ def select(spec: MapSpec, datasets: Sequence[str] | None, levels: Sequence[int] 
     return chosen
 
 
-def run_map(spec: MapSpec, levels: Sequence[Level], seeds: Sequence[int], chunk: int, jobs: int) -> int:
-    """Runs each level's arms over ``seeds``, ``chunk`` seeds at a time (one thread per run, ``jobs`` at once); a
-    chunk whose runs failed is run once more. Returns 0, or compare's exit status where it stopped."""
+def run_map(spec: MapSpec, levels: Sequence[Level], seeds: Sequence[int], chunk: int, jobs: int,
+            arms: Sequence[str] | None = None, name: str = 'summary') -> int:
+    """Runs each level's ``arms`` (all by default) over ``seeds``, ``chunk`` seeds at a time (one thread per run,
+    ``jobs`` at once; compare's tables named ``name``); a chunk whose runs failed is run once more. Returns 0, or
+    compare's exit status where it stopped."""
+    arms = [spec.baseline, *[a for a in (arms or spec.arms) if a != spec.baseline]]
     for level in levels:
-        arms = [spec.baseline, *[a for a in spec.arms if a != spec.baseline]]
         for end in range(chunk, len(seeds) + chunk, chunk):
             argv = ['--configs', *(str(level.configs[a]) for a in arms), '--seeds', *map(str, seeds[:end]),
                     '--baseline', str(level.configs[spec.baseline]), '--out', str(spec.out / level.folder),
-                    '--threads', '1', '--jobs', str(jobs)]
+                    '--threads', '1', '--jobs', str(jobs), '--name', name]
             status = compare_module.main(argv)
             if status == 1:  # a run failed: once more with the same seed (docs/drift_map.md), then on
                 status = compare_module.main(argv)
@@ -254,7 +301,7 @@ def read_level(spec: MapSpec, level: Level) -> dict[str, list[dict]]:
     for arm, config in level.configs.items():
         digest = config_digest(config)
         records = []
-        for seed in spec.seeds:
+        for seed in spec.seeds_of(level, arm):
             run_dir = spec.out / level.folder / config.stem / f'seed{seed}'
             result_path = run_dir / 'result.json'
             if not result_path.is_file():
@@ -321,8 +368,8 @@ def analyse(spec: MapSpec) -> dict[str, Any]:
     """Reads every finished run of the map; returns what ``map.json`` holds."""
     result: dict[str, Any] = {'seeds': list(spec.seeds), 'primary': list(PRIMARY), 'sigma2_floor': SIGMA2_FLOOR,
                               'datasets': {}}
-    total = {'runs': 0, 'expected': len(spec.levels) * len(spec.arms) * len(spec.seeds), 'seconds': 0.0,
-             'cpu_seconds': 0.0}
+    total = {'runs': 0, 'expected': sum(len(spec.seeds_of(lv, arm)) for lv in spec.levels for arm in spec.arms),
+             'seconds': 0.0, 'cpu_seconds': 0.0}
     for dataset in sorted({lv.dataset for lv in spec.levels}):
         levels = {}
         points: dict[str, dict[str, list[tuple[float, float]]]] = {}
@@ -379,9 +426,12 @@ def _trend_ratio(entry: Mapping[str, Any]) -> dict[str, Any]:
 def map_markdown(spec: MapSpec, result: Mapping[str, Any]) -> str:
     """The map as markdown tables: the axis, the paired comparisons per level, the trends, the compute."""
     compute = result['compute']
-    lines = [f"Runs finished: {compute['runs']} of {compute['expected']} ({len(spec.arms)} arms × {len(spec.seeds)} "
-             f"seeds × {len(spec.levels)} levels); {compute['seconds']:.0f} s of run wall time, "
-             f"{compute['cpu_seconds']:.0f} CPU seconds.", '']
+    stage = spec.second_stage
+    planned = f'{len(spec.arms)} arms × {len(spec.seeds)} seeds × {len(spec.levels)} levels' + (
+        f'; second stage: {len(stage.arms)} arms × {len(stage.seeds)} seeds × {len(stage.levels)} levels'
+        if stage else '')
+    lines = [f"Runs finished: {compute['runs']} of {compute['expected']} ({planned}); {compute['seconds']:.0f} s of "
+             f"run wall time, {compute['cpu_seconds']:.0f} CPU seconds.", '']
     knob_names = list(spec.knobs)
     for dataset, data in result['datasets'].items():
         lines += [f'## {dataset}', '', '| level | ' + ' | '.join(knob_names) + ' | runs per arm | '
@@ -478,6 +528,8 @@ def get_argparser() -> argparse.ArgumentParser:
     run.add_argument('--seeds', nargs='+', type=int, help="the spec's seeds by default")
     run.add_argument('--chunk', type=int, default=2, help='seeds per compare call (seed-major order); default 2')
     run.add_argument('--jobs', type=int, default=2, help='runs at once, one CPU thread each; default 2')
+    run.add_argument('--stage', type=int, choices=(1, 2), default=1,
+                     help="1: every arm at every level over the spec's seeds; 2: the second stage")
     commands.add_parser('analyse', help='write OUT/map.json, map.md and map.png from the finished runs')
     return parser
 
@@ -496,14 +548,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         count(args.chunk, '--chunk')
         count(args.jobs, '--jobs')
-        seeds = tuple(args.seeds) if args.seeds else spec.seeds
-        unknown = [s for s in seeds if s not in spec.seeds]
+        stage = spec.second_stage
+        if args.stage == 2 and stage is None:
+            raise ConfigError('--stage', 'the spec has no second_stage')
+        planned = spec.seeds if args.stage == 1 else stage.seeds
+        seeds = tuple(args.seeds) if args.seeds else planned
+        unknown = [s for s in seeds if s not in planned]
         if unknown:
-            raise ConfigError('--seeds', f"{listed(unknown)} not in the spec's seeds (add them there first)")
+            raise ConfigError('--seeds', f"{listed(unknown)} not in the stage's seeds (add them to the spec first)")
         levels = select(spec, args.datasets, args.levels)
+        if args.stage == 2:
+            by_folder = {lv.folder: lv for lv in levels}
+            levels = [by_folder[folder] for folder in stage.levels if folder in by_folder]
         for line in install_teachers(spec):
             print(line)
-        return run_map(spec, levels, seeds, args.chunk, args.jobs)
+        return run_map(spec, levels, seeds, args.chunk, args.jobs, *((stage.arms, 'stage2') if args.stage == 2
+                                                                       else ()))
     except ConfigError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
