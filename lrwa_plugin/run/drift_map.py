@@ -83,6 +83,8 @@ class Level:
 
 @dataclass(frozen=True)
 class Comparison:
+    """One arm against another at the same level, paired by seed (``arm`` minus ``against``)."""
+
     arm: str
     against: str
 
@@ -93,6 +95,8 @@ class Comparison:
 
 @dataclass(frozen=True)
 class Teacher:
+    """A committed teacher (``file``, its ``sha256``) and where a dataset's configs read it (``at``)."""
+
     dataset: str
     file: Path
     at: Path
@@ -110,6 +114,8 @@ class Stage:
 
 @dataclass(frozen=True)
 class MapSpec:
+    """A map spec as read by :func:`load_spec`."""
+
     out: Path
     seeds: tuple[int, ...]
     baseline: str
