@@ -478,6 +478,7 @@ def plot_map(spec: MapSpec, result: Mapping[str, Any], path: Path) -> Path:
     import matplotlib
     matplotlib.use('Agg')
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     from .visuals import save_figure
 
@@ -506,7 +507,11 @@ def plot_map(spec: MapSpec, result: Mapping[str, Any], path: Path) -> Path:
             ax.axhline(1.0 if key == 'ratio' else 0.0, color='grey', linewidth=0.8)
             if key == 'ratio':
                 ax.set_yscale('log')
+                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f'{value:g}'))
+                ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xticks([int(level) for level in levels])
+            ax.set_xlim(min(map(int, levels)) - 0.3, max(map(int, levels)) + 0.3)
             ax.set_title(f'{dataset}: {name}', fontsize='medium')
             ax.set_xlabel('drift level')
             ax.grid(alpha=0.3)
