@@ -46,7 +46,7 @@ logger = def_logger.getChild(__name__)
 
 DEMO_DATASET = 'digits'
 DEMO_TEACHER_CONFIG = 'teacher'
-DEMO_STUDENT_CONFIG = 'lrwa_mb'
+DEMO_STUDENT_CONFIG = 'lrwa_mad'
 DEMO_SEED = 0
 
 
@@ -100,7 +100,7 @@ def run_demo(args: argparse.Namespace, world: World | None = None,
              config_dir: str | os.PathLike | None = None) -> dict[str, float]:
     """The offline digits demo: teacher (trained once, if its checkpoint is missing), then the LRWA student.
 
-    ``config_dir``: where ``teacher.yaml`` and ``lrwa_mb.yaml`` are (default: the installed package's digits configs).
+    ``config_dir``: where ``teacher.yaml`` and ``lrwa_mad.yaml`` are (default: the installed package's digits configs).
     """
     directory = Path(config_dir) if config_dir is not None else shipped_config(DEMO_DATASET, DEMO_TEACHER_CONFIG).parent
     demo_args = argparse.Namespace(**{**vars(args), 'seed': DEMO_SEED if args.seed is None else args.seed})
