@@ -253,3 +253,18 @@ def test_a_second_stage_that_cannot_work_is_refused(tmp_path, capsys, stage, key
     path = with_second_stage(make_spec(tmp_path, seeds=range(3)), **stage)
     assert drift_map.main(['--spec', str(path), 'run', '--stage', '2']) == 2
     assert capsys.readouterr().err.startswith(f'error: {key}:')
+
+
+def test_analyse_stage_1_reads_the_specs_seeds_only(tmp_path):
+    path = with_second_stage(make_spec(tmp_path, seeds=range(3)))
+    spec = drift_map.load_spec(path)
+    for seed in (0, 1, 2, 10, 11):
+        write_run(spec, 2, 'base', seed, 80.0, 2.0)
+        write_run(spec, 2, 'arm', seed, 81.0 + seed % 2, 1.0)
+    assert drift_map.main(['--spec', str(path), 'analyse', '--stage', '1']) == 0
+    first = json.loads((spec.out / 'map_stage1.json').read_text())
+    assert first['datasets']['toy']['levels']['2']['comparisons']['arm vs base']['seeds'] == [0, 1, 2]
+    assert first['compute']['expected'] == 27 and not (spec.out / 'map.json').exists()
+    assert drift_map.main(['--spec', str(path), 'analyse']) == 0
+    every = json.loads((spec.out / 'map.json').read_text())
+    assert every['datasets']['toy']['levels']['2']['comparisons']['arm vs base']['seeds'] == [0, 1, 2, 10, 11]

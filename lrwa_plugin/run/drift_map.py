@@ -37,6 +37,7 @@ across levels (the per-seed differences regressed on the level index; slope and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -521,11 +522,12 @@ def plot_map(spec: MapSpec, result: Mapping[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def write_map(spec: MapSpec, result: Mapping[str, Any]) -> list[Path]:
+def write_map(spec: MapSpec, result: Mapping[str, Any], name: str = 'map') -> list[Path]:
+    """``OUT/<name>.json``, ``.md`` and ``.png``."""
     spec.out.mkdir(parents=True, exist_ok=True)
-    return [atomic_write_text(spec.out / 'map.json', json.dumps(result, indent=2) + '\n'),
-            atomic_write_text(spec.out / 'map.md', map_markdown(spec, result)),
-            plot_map(spec, result, spec.out / 'map.png')]
+    return [atomic_write_text(spec.out / f'{name}.json', json.dumps(result, indent=2) + '\n'),
+            atomic_write_text(spec.out / f'{name}.md', map_markdown(spec, result)),
+            plot_map(spec, result, spec.out / f'{name}.png')]
 
 
 # ---------------------------------------------------------------------------------------------------- command line
@@ -541,7 +543,9 @@ def get_argparser() -> argparse.ArgumentParser:
     run.add_argument('--jobs', type=int, default=2, help='runs at once, one CPU thread each; default 2')
     run.add_argument('--stage', type=int, choices=(1, 2), default=1,
                      help="1: every arm at every level over the spec's seeds; 2: the second stage")
-    commands.add_parser('analyse', help='write OUT/map.json, map.md and map.png from the finished runs')
+    analyse_parser = commands.add_parser('analyse', help='write OUT/map.{json,md,png} from the finished runs')
+    analyse_parser.add_argument('--stage', type=int, choices=(1, 2), default=2,
+                                help="1: the spec's seeds only (OUT/map_stage1.*); 2 (default): every finished run")
     return parser
 
 
@@ -552,8 +556,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         if args.command == 'analyse':
+            if args.stage == 1:
+                spec = dataclasses.replace(spec, second_stage=None)
             result = analyse(spec)
-            paths = write_map(spec, result)
+            paths = write_map(spec, result, 'map' if args.stage == 2 else 'map_stage1')
             print(map_markdown(spec, result))
             print('wrote ' + ', '.join(map(str, paths)))
             return 0
