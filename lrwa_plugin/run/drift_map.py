@@ -422,12 +422,10 @@ def _cell(entry: Mapping[str, Any] | None, ratio: bool = False) -> str:
 
 
 def _trend_ratio(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """A trend of the log ratio as a factor per level."""
-    low, high = entry['ci']
+    """A trend of the log ratio as a factor per level (:func:`interval_as_ratio` of its slope)."""
     if entry['n'] < 3 or math.isnan(entry['slope']):
         return {'n': 0}
-    return {'n': entry['n'], 'ratio': math.exp(entry['slope']), 'ci': [math.exp(low), math.exp(high)],
-            'below_one': bool(high < 0), 'above_one': bool(low > 0)}
+    return interval_as_ratio({**entry, 'mean': entry['slope']})
 
 
 def map_markdown(spec: MapSpec, result: Mapping[str, Any]) -> str:
