@@ -1,5 +1,6 @@
-"""The drift map (lrwa_plugin.run.drift_map): its spec, its grid's order, its statistics and its files, on synthetic
-runs (no training); and the shipped map's levels, whose arms must differ only in what their names say."""
+"""The drift map (lrwa_plugin.run.drift_map and its report, drift_map_report): its spec, its grid's order, its
+statistics and its files, on synthetic runs (no training); and the shipped map's levels, whose arms must differ only
+in what their names say."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import yaml
 from conftest import ROOT, child_env
 
 from lrwa_plugin.errors import ConfigError
-from lrwa_plugin.run import drift_map
+from lrwa_plugin.run import drift_map, drift_map_report
 from lrwa_plugin.run.evolution import evolution_stats
 from lrwa_plugin.run.loading import config_digest, read_plain
 
@@ -72,7 +73,7 @@ def fill(spec: drift_map.MapSpec, gain_per_level: float, noise: float = 0.3) -> 
 def test_analyse_finds_a_gain_that_grows_with_drift_and_writes_the_map(tmp_path):
     spec = drift_map.load_spec(make_spec(tmp_path))
     fill(spec, gain_per_level=1.0)
-    result = drift_map.analyse(spec)
+    result = drift_map_report.analyse(spec)
     toy = result['datasets']['toy']
     slope = toy['trends']['arm vs base']['mu_late']
     assert slope['n'] == 18 and slope['ci'][0] < 1.0 < slope['ci'][1] and slope['excludes_zero']
@@ -83,7 +84,7 @@ def test_analyse_finds_a_gain_that_grows_with_drift_and_writes_the_map(tmp_path)
     assert toy['levels']['0']['knobs'] == {'generator_lr': 0.001}
     assert toy['axis_check']['passes'] and toy['axis_check']['trend']['slope'] == pytest.approx(-2.0, abs=0.3)
     assert result['compute'] == {'runs': 54, 'expected': 54, 'seconds': 540.0, 'cpu_seconds': 486.0}
-    paths = drift_map.write_map(spec, result)
+    paths = drift_map_report.write_map(spec, result)
     assert [p.name for p in paths] == ['map.json', 'map.md', 'map.png'] and all(p.stat().st_size > 0 for p in paths)
     text = (spec.out / 'map.md').read_text()
     assert 'Runs finished: 54 of 54' in text and 'Axis check' in text and 'passes' in text
@@ -92,7 +93,7 @@ def test_analyse_finds_a_gain_that_grows_with_drift_and_writes_the_map(tmp_path)
 def test_a_flat_difference_gives_a_trend_interval_over_zero(tmp_path):
     spec = drift_map.load_spec(make_spec(tmp_path))
     fill(spec, gain_per_level=0.0, noise=1.0)
-    slope = drift_map.analyse(spec)['datasets']['toy']['trends']['arm vs base']['mu_late']
+    slope = drift_map_report.analyse(spec)['datasets']['toy']['trends']['arm vs base']['mu_late']
     assert slope['ci'][0] < 0 < slope['ci'][1] and not slope['excludes_zero']
 
 
@@ -100,23 +101,23 @@ def test_trend_is_least_squares_with_a_student_t_interval():
     draw = np.random.default_rng(1)
     x = np.repeat([0.0, 1.0, 2.0], 8)
     y = 0.5 * x + draw.normal(0, 1, x.size)
-    result = drift_map.trend(list(zip(x, y)))
+    result = drift_map_report.trend(list(zip(x, y)))
     slope, intercept = np.polyfit(x, y, 1)
     assert result['slope'] == pytest.approx(slope) and result['intercept'] == pytest.approx(intercept)
     residual = y - (slope * x + intercept)
     stderr = math.sqrt(residual @ residual / (x.size - 2) / ((x - x.mean()) @ (x - x.mean())))
     assert result['ci'][1] - result['slope'] == pytest.approx(2.0739 * stderr, rel=1e-3)  # t(0.975, 22)
-    assert math.isnan(drift_map.trend([(1.0, 2.0), (1.0, 3.0), (1.0, 4.0)])['slope'])  # one level: no slope
+    assert math.isnan(drift_map_report.trend([(1.0, 2.0), (1.0, 3.0), (1.0, 4.0)])['slope'])  # one level: no slope
 
 
 def test_unfinished_cells_are_counted_not_guessed(tmp_path):
     spec = drift_map.load_spec(make_spec(tmp_path, levels=(0, 1)))
     write_run(spec, 0, 'base', 0, 80.0, 1.0)
     write_run(spec, 0, 'arm', 0, 81.0, 1.0)
-    result = drift_map.analyse(spec)
+    result = drift_map_report.analyse(spec)
     level = result['datasets']['toy']['levels']['0']
     assert level['runs'] == {'base': 1, 'arm': 1, 'none': 0} and result['compute']['runs'] == 2
-    assert '–' in drift_map.map_markdown(spec, result)  # one seed: no interval
+    assert '–' in drift_map_report.map_markdown(spec, result)  # one seed: no interval
 
 
 @pytest.mark.parametrize('digest, threads', [('0' * 64, 1), (None, 2)])
@@ -200,7 +201,7 @@ def test_the_shipped_map_loads_and_its_arms_differ_only_in_what_their_names_say(
                 assert config_digest(config) and read_plain(config.read_text())['train']['data_free']['meta'] == \
                     {'alpha_per_lr': 1.0, 'backend': 'higher', 'order': 'second'}, config
         assert all(s == shared[0] for s in shared), level.folder
-    knobs = {lv.folder: drift_map.knob_values(spec, lv) for lv in spec.levels}
+    knobs = {lv.folder: drift_map_report.knob_values(spec, lv) for lv in spec.levels}
     assert knobs['digits_L2'] == {'student_steps': 2, 'generator_lr': 0.02, 'bn_weight': 0.01, 'memory': 256}
     assert knobs['digits_L0']['memory'] == 1024 and knobs['mnist_L1']['generator_lr'] == 0.005
 
@@ -230,7 +231,7 @@ def test_a_second_stage_adds_seeds_to_its_arms_and_levels_only(tmp_path, monkeyp
     for seed in (*spec.seeds, 10, 11, 12):
         write_run(spec, 2, 'base', seed, 80.0 + seed % 3, 2.0)
         write_run(spec, 2, 'arm', seed, 81.0 + seed % 2, 1.0)
-    result = drift_map.analyse(spec)
+    result = drift_map_report.analyse(spec)
     assert result['compute']['expected'] == 3 * 3 * 3 + 2 * 3 * 2 and result['compute']['runs'] == 12
     assert result['datasets']['toy']['levels']['2']['comparisons']['arm vs base']['seeds'] == [0, 1, 2, 10, 11, 12]
     calls = []

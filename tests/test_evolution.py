@@ -237,6 +237,11 @@ def test_a_stopped_comparison_keeps_its_runs_and_continues_them_and_has_its_out_
     assert 'Traceback' not in err
     assert (out / 'arm/seed0/result.json').is_file() and not (out / 'arm/seed1/result.json').is_file()
     assert state.is_file() and not (out / 'compare.lock').exists()
+    stopped = json.loads((out / 'arm/seed1/attempts.json').read_text())
+    assert [a['exit_status'] for a in stopped] == [130] and stopped[0]['seconds'] > 0
     assert compare_main(argv) == 0
     assert 'Resuming at epoch' in (out / 'arm/seed1/stdout.txt').read_text()
-    assert json.loads((out / 'arm/seed1/result.json').read_text())['exit_status'] == 0
+    record = json.loads((out / 'arm/seed1/result.json').read_text())
+    assert record['exit_status'] == 0 and record['attempts'] == 2  # the stopped attempt's seconds are counted too
+    assert record['seconds'] > stopped[0]['seconds'] and record['cpu_seconds'] > stopped[0]['cpu_seconds']
+    assert 'attempts' not in json.loads((out / 'arm/seed0/result.json').read_text())

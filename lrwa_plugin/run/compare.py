@@ -2,7 +2,8 @@
 
 Every run is its own process of the installed runner (``python -m lrwa_plugin``; a crash loses only that run),
 writing into ``OUT/<config stem>/seed<k>/``; a run that finished before (its ``result.json`` exists) is not run
-again, so a long comparison can be stopped and continued later, and its small per-run files (``result.json``,
+again, so a long comparison can be stopped and continued later (a stopped run resumes from its training state, and
+its ``result.json`` counts the seconds of every attempt), and its small per-run files (``result.json``,
 ``student.evolution.json``) can be committed. Then, written atomically:
 
 * ``OUT/summary.json`` and ``OUT/summary.md``: one row per config, each statistic mean ± sample std over seeds, the
@@ -137,7 +138,8 @@ def run_one(config: Path, seed: int, run_dir: Path, device: str, digest: str, ru
             sample_grids: bool = False, threads: int = 1, amp: str | None = None) -> dict:
     """Runs one config (its ``digest``: :func:`~lrwa_plugin.run.loading.config_digest`) with one seed in a
     subprocess unless it finished before (:func:`compare` has checked that a finished run is reusable); returns its
-    result record."""
+    result record. A run that resumes a stopped attempt counts that attempt's seconds too (``attempts.json`` keeps
+    them), so its record is the whole run's compute."""
     result_path = run_dir / 'result.json'
     if result_path.is_file():
         return json.loads(result_path.read_text())
@@ -148,6 +150,8 @@ def run_one(config: Path, seed: int, run_dir: Path, device: str, digest: str, ru
                '-no_progress', *(() if sample_grids else ('-no_sample_grids',)), *(('--amp', amp) if amp else ()),
                *(('--resume', str(state)) if state.is_file() else ())]
     env = {**os.environ, 'OMP_NUM_THREADS': str(threads), 'MKL_NUM_THREADS': str(threads)}
+    attempts_path = run_dir / 'attempts.json'  # the stopped attempts this run continues from (none: from scratch)
+    earlier = json.loads(attempts_path.read_text()) if state.is_file() and attempts_path.is_file() else []
     start = time.time()
     with open(run_dir / 'stdout.txt', 'a' if state.is_file() else 'w') as out, _CHILDREN.lock:
         if _CHILDREN.stopping:
@@ -161,11 +165,16 @@ def run_one(config: Path, seed: int, run_dir: Path, device: str, digest: str, ru
     finally:
         with _CHILDREN.lock:
             _CHILDREN.running.discard(process)
-    record = {'config': str(config), 'seed': seed, 'exit_status': status, 'seconds': time.time() - start,
-              'cpu_seconds': usage.ru_utime + usage.ru_stime, 'threads': threads, **({'amp': amp} if amp else {}),
-              'config_digest': digest}
+    attempt = {'exit_status': status, 'seconds': time.time() - start, 'cpu_seconds': usage.ru_utime + usage.ru_stime}
+    record = {'config': str(config), 'seed': seed, 'exit_status': status,
+              'seconds': attempt['seconds'] + sum(a['seconds'] for a in earlier),
+              'cpu_seconds': attempt['cpu_seconds'] + sum(a['cpu_seconds'] for a in earlier),
+              **({'attempts': len(earlier) + 1} if earlier else {}), 'threads': threads,
+              **({'amp': amp} if amp else {}), 'config_digest': digest}
     if status == 0:
         atomic_write_text(result_path, json.dumps(record, indent=2) + '\n')
+    else:
+        atomic_write_text(attempts_path, json.dumps([*earlier, attempt], indent=2) + '\n')
     return record
 
 
