@@ -14,6 +14,9 @@ class ConfigError(ValueError):
         message: the value found and what is allowed.
     """
 
+    #: The command lines' exit status for it.
+    exit_status = 2
+
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f'{path}: {message}')
         self.path = path
@@ -31,6 +34,8 @@ class NonFiniteLossError(RuntimeError):
     runner prints it and exits with status 3, and nothing is saved over the last checkpoint.
     """
 
+    exit_status = 3
+
 
 class WriteError(OSError):
     """A file of the run could not be written (a full disk, a folder that became read-only, a destination that cannot
@@ -41,6 +46,8 @@ class WriteError(OSError):
         path: the file that could not be written.
         reason: the operating system's (or torch's writer's) reason, one line.
     """
+
+    exit_status = 4
 
     def __init__(self, path: str, reason: str, errno: int | None = None) -> None:
         super().__init__(errno, f"could not write '{path}' ({reason}); it and every file written before are as they "

@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None, demo_config_dir: str | os.PathLike |
                 return stop.exit_status
     except (ConfigError, NonFiniteLossError, WriteError) as error:
         sys.stderr.write(f'error: {error}\n')  # every rank: print is rank 0's only
-        return 2 if isinstance(error, ConfigError) else 3 if isinstance(error, NonFiniteLossError) else 4
+        return error.exit_status
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, 'signum', signal.SIGINT)
         sys.stderr.write(f'stopped: {signal.Signals(signum).name} outside training (while setting up, or testing '

@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.sample_grids, args.name, args.threads, jobs, args.amp, args.adopt_legacy)
     except (ConfigError, WriteError) as error:
         print(f'error: {error}', file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 4
+        return error.exit_status
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, 'signum', signal.SIGINT)
         print(f"stopped: {signal.Signals(signum).name}; the finished runs in '{args.out}' are kept and the runs that "

@@ -287,7 +287,6 @@ def run_map(spec: MapSpec, levels: Sequence[Level], seeds: Sequence[int], chunk:
     return 0
 
 
-
 # ---------------------------------------------------------------------------------------------------- command line
 def get_argparser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description='Runs or analyses a drift map (docs/drift_map.md).')
@@ -339,12 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line)
         return run_map(spec, levels, seeds, args.chunk, args.jobs, *((stage.arms, 'stage2') if args.stage == 2
                                                                        else ()))
-    except ConfigError as error:
+    except (ConfigError, WriteError) as error:
         print(f'error: {error}', file=sys.stderr)
-        return 2
-    except WriteError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 4
+        return error.exit_status
 
 
 if __name__ == '__main__':
