@@ -121,16 +121,15 @@ def analyse(spec: MapSpec) -> dict[str, Any]:
                     points.setdefault(label, {}).setdefault(key, []).extend(
                         (level.level, d) for d in entry[key]['per_seed'].values())
             finished = [r for records in runs.values() for r in records]
+            spent = {key: sum(r[key] for r in finished) for key in ('seconds', 'cpu_seconds')}
             total['runs'] += len(finished)
-            total['seconds'] += sum(r['seconds'] for r in finished)
-            total['cpu_seconds'] += sum(r['cpu_seconds'] for r in finished)
+            for key, value in spent.items():
+                total[key] += value
             levels[str(level.level)] = {
                 'folder': level.folder, 'knobs': knob_values(spec, level),
                 'configs': {arm: str(path) for arm, path in level.configs.items()},
                 'runs': {arm: len(runs.get(arm, [])) for arm in spec.arms},
-                'summary': summarise({arm: records for arm, records in runs.items()}),
-                'comparisons': comparisons,
-                'seconds': sum(r['seconds'] for r in finished), 'cpu_seconds': sum(r['cpu_seconds'] for r in finished)}
+                'summary': summarise(runs), 'comparisons': comparisons, **spent}
         trends = {label: {key: trend(pts) for key, pts in by_key.items()} for label, by_key in points.items()}
         axis = trends.get(spec.axis.label, {}).get('mu_late')
         result['datasets'][dataset] = {
